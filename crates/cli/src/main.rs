@@ -1,0 +1,57 @@
+//! `ftvm`: the fault-tolerant virtualization cluster's command-line tool.
+
+mod bench;
+mod image;
+mod vm;
+mod volume;
+
+use clap::{Parser, Subcommand};
+
+/// ftvm: fault-tolerant KVM virtual machines on a two-node cluster.
+#[derive(Parser)]
+#[command(name = "ftvm", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run, restore and control virtual machines.
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
+    /// Build guest images.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
+    /// Manage volumes in storage pools.
+    #[command(subcommand)]
+    Volume(volume::VolumeCommand),
+    /// Benchmarks that print figures.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FTVM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Vm(cmd) => vm::run(cmd),
+        Command::Image(cmd) => image::run(cmd),
+        Command::Volume(cmd) => volume::run(cmd),
+        Command::Bench(cmd) => bench::run(cmd),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(err) => {
+            // One line: the error and its causes, outermost first.
+            eprintln!("ftvm: error: {err:#}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! ftvm's KVM virtual machine monitor.
+
+pub mod acpi;
+pub mod layout;
+pub mod memory;
