@@ -1,12 +1,394 @@
-//! `ftvm vm` subcommands.
+//! `ftvm vm` subcommands: run and restore a VM in this process, and control a running one
+//! through its API socket.
 
-use clap::Subcommand;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+use vmm::config::{default_mac, parse_mac};
+use vmm::snapshot::{self, SnapshotFile};
+use vmm::{ConsoleConfig, DiskConfig, ExitReason, NetConfig, Vm, VmConfig};
 
 /// `ftvm vm` subcommands.
 #[derive(Subcommand)]
-pub enum VmCommand {}
+pub enum VmCommand {
+    /// Boot a VM and run it until it powers off.
+    Run(RunArgs),
+    /// Resume a VM from a snapshot file in this new process.
+    Restore(RestoreArgs),
+    /// Show a running VM's status.
+    Status(SockArgs),
+    /// Pause a running VM.
+    Pause(SockArgs),
+    /// Resume a paused VM.
+    Resume(SockArgs),
+    /// Write a running VM's complete state to a file.
+    Snapshot {
+        #[command(flatten)]
+        sock: SockArgs,
+        /// The snapshot file to write.
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Stop a running VM.
+    Shutdown(SockArgs),
+}
+
+/// The control socket of a running VM.
+#[derive(Args)]
+pub struct SockArgs {
+    /// The VM's control API socket (given to `vm run --api-sock`).
+    #[arg(long)]
+    pub api_sock: PathBuf,
+}
+
+/// Options of `ftvm vm run`.
+#[derive(Args)]
+pub struct RunArgs {
+    /// A built guest image (`ftvm image build --name NAME`), or `testguest` for ftvm's test guest.
+    #[arg(long, conflicts_with = "kernel")]
+    pub image: Option<String>,
+    /// Kernel: a bzImage or an ELF.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line (added after ftvm's defaults).
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub mem: u64,
+    /// A disk: PATH[,readonly]. Repeat for more.
+    #[arg(long = "disk")]
+    pub disks: Vec<String>,
+    /// A network interface: tap=NAME[,mac=MAC]. Repeat for more.
+    #[arg(long = "net")]
+    pub nets: Vec<String>,
+    /// Run this shell command in the guest (image guests), then power off with its status.
+    #[arg(long)]
+    pub exec: Option<String>,
+    /// Console: stdio, file:PATH or null.
+    #[arg(long, default_value = "stdio")]
+    pub console: String,
+    /// Serve the control API on this Unix socket.
+    #[arg(long)]
+    pub api_sock: Option<PathBuf>,
+}
+
+/// Options of `ftvm vm restore`.
+#[derive(Args)]
+pub struct RestoreArgs {
+    /// The snapshot file.
+    #[arg(long)]
+    pub snapshot: PathBuf,
+    /// Network interfaces replacing the snapshot's taps, in order: tap=NAME[,mac=MAC].
+    #[arg(long = "net")]
+    pub nets: Vec<String>,
+    /// Console: stdio, file:PATH or null.
+    #[arg(long, default_value = "stdio")]
+    pub console: String,
+    /// Serve the control API on this Unix socket.
+    #[arg(long)]
+    pub api_sock: Option<PathBuf>,
+    /// Stay paused after restoring (resume through the API).
+    #[arg(long)]
+    pub paused: bool,
+}
 
 /// Runs one `ftvm vm` subcommand; returns the process exit status.
 pub fn run(cmd: VmCommand) -> anyhow::Result<i32> {
-    match cmd {}
+    match cmd {
+        VmCommand::Run(args) => run_vm(args),
+        VmCommand::Restore(args) => restore_vm(args),
+        VmCommand::Status(s) => print_answer(api::request(&s.api_sock, "GET", "/status", None)?),
+        VmCommand::Pause(s) => print_answer(api::request(&s.api_sock, "POST", "/pause", None)?),
+        VmCommand::Resume(s) => print_answer(api::request(&s.api_sock, "POST", "/resume", None)?),
+        VmCommand::Shutdown(s) => {
+            print_answer(api::request(&s.api_sock, "POST", "/shutdown", None)?)
+        }
+        VmCommand::Snapshot { sock, file } => {
+            let file = absolute(&file)?;
+            print_answer(api::request(
+                &sock.api_sock,
+                "POST",
+                "/snapshot",
+                Some(json!({ "path": file })),
+            )?)
+        }
+    }
+}
+
+fn print_answer(v: Value) -> anyhow::Result<i32> {
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(0)
+}
+
+fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+    if p.is_absolute() {
+        Ok(p.to_path_buf())
+    } else {
+        Ok(std::env::current_dir()
+            .context("cannot read the current directory")?
+            .join(p))
+    }
+}
+
+/// The test guest binary shipped next to `ftvm`.
+pub fn testguest_path() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot locate the ftvm executable")?;
+    let dir = exe
+        .parent()
+        .context("the ftvm executable has no directory")?;
+    for candidate in [dir.join("testguest"), dir.join("../testguest")] {
+        if candidate.exists() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "the test guest is not built next to {}; run `cargo build --workspace`",
+        exe.display()
+    )
+}
+
+fn parse_console(s: &str) -> anyhow::Result<ConsoleConfig> {
+    Ok(match s {
+        "stdio" => ConsoleConfig::Stdio,
+        "null" => ConsoleConfig::Null,
+        _ => match s.strip_prefix("file:") {
+            Some(p) if !p.is_empty() => ConsoleConfig::File(PathBuf::from(p)),
+            _ => bail!("invalid --console {s:?}: use stdio, null or file:PATH"),
+        },
+    })
+}
+
+fn parse_disk(s: &str) -> anyhow::Result<DiskConfig> {
+    let mut parts = s.split(',');
+    let path = parts
+        .next()
+        .filter(|p| !p.is_empty())
+        .context("--disk needs a path: --disk PATH[,readonly]")?;
+    let mut read_only = false;
+    for opt in parts {
+        match opt {
+            "readonly" | "ro" => read_only = true,
+            other => bail!("unknown --disk option {other:?}: use --disk PATH[,readonly]"),
+        }
+    }
+    Ok(DiskConfig {
+        path: PathBuf::from(path),
+        read_only,
+    })
+}
+
+fn parse_net(s: &str) -> anyhow::Result<NetConfig> {
+    let mut tap = None;
+    let mut mac = None;
+    for opt in s.split(',') {
+        match opt.split_once('=') {
+            Some(("tap", v)) if !v.is_empty() => tap = Some(v.to_string()),
+            Some(("mac", v)) => mac = Some(parse_mac(v)?),
+            _ => bail!("invalid --net option {opt:?}: use --net tap=NAME[,mac=52:54:00:12:34:56]"),
+        }
+    }
+    let tap = tap.context("--net needs tap=NAME")?;
+    let mac = mac.unwrap_or_else(|| default_mac(&tap));
+    Ok(NetConfig { tap, mac })
+}
+
+/// Standard base64 (RFC 4648, with padding).
+fn base64(data: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+fn build_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
+    let (kernel, initrd, base_cmdline) = match (&args.image, &args.kernel) {
+        (Some(name), _) if name == "testguest" => (testguest_path()?, None, String::new()),
+        (Some(name), _) => {
+            let (kernel, initrd) = image_files(name)?;
+            (kernel, Some(initrd), default_linux_cmdline())
+        }
+        (None, Some(k)) => {
+            let linux = !vmm::boot::is_elf(k)?;
+            (
+                k.clone(),
+                args.initrd.clone(),
+                if linux {
+                    default_linux_cmdline()
+                } else {
+                    String::new()
+                },
+            )
+        }
+        (None, None) => {
+            bail!("give a guest: --image NAME (e.g. --image testguest) or --kernel PATH")
+        }
+    };
+    let mut cmdline = base_cmdline;
+    if !args.cmdline.is_empty() {
+        if !cmdline.is_empty() {
+            cmdline.push(' ');
+        }
+        cmdline.push_str(&args.cmdline);
+    }
+    if let Some(exec) = &args.exec {
+        // Before any " -- " so the kernel, not init, parses it.
+        let arg = format!("ftvm.exec={}", base64(exec.as_bytes()));
+        cmdline = match cmdline.split_once(" -- ") {
+            Some((k, init)) => format!("{k} {arg} -- {init}"),
+            None => format!("{cmdline} {arg}").trim().to_string(),
+        };
+    }
+    Ok(VmConfig {
+        kernel,
+        initrd,
+        cmdline,
+        vcpus: args.vcpus,
+        mem_mib: args.mem,
+        disks: args
+            .disks
+            .iter()
+            .map(|d| parse_disk(d))
+            .collect::<anyhow::Result<_>>()?,
+        nets: args
+            .nets
+            .iter()
+            .map(|n| parse_net(n))
+            .collect::<anyhow::Result<_>>()?,
+        console: parse_console(&args.console)?,
+    })
+}
+
+/// Kernel and initrd of the image `name`, built first if needed.
+fn image_files(name: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+    bail!("image {name}: image support is not built yet")
+}
+
+/// The command line every Linux guest gets.
+fn default_linux_cmdline() -> String {
+    "console=ttyS0 earlyprintk=serial,ttyS0 reboot=acpi panic=-1".to_string()
+}
+
+/// The control API's view of a VM.
+struct VmControl(Arc<Vm>);
+
+impl api::Control for VmControl {
+    fn status(&self) -> Value {
+        serde_json::to_value(self.0.status()).unwrap_or_else(|e| json!({ "error": e.to_string() }))
+    }
+
+    fn pause(&self) -> Result<Value, String> {
+        let d = self.0.pause().map_err(|e| e.to_string())?;
+        Ok(json!({ "paused": true, "pause_us": d.as_micros() as u64 }))
+    }
+
+    fn resume(&self) -> Result<Value, String> {
+        self.0.resume().map_err(|e| e.to_string())?;
+        Ok(json!({ "paused": false }))
+    }
+
+    fn snapshot(&self, path: &Path) -> Result<Value, String> {
+        let info = snapshot::write_snapshot(&self.0, path).map_err(|e| e.to_string())?;
+        serde_json::to_value(info).map_err(|e| e.to_string())
+    }
+
+    fn shutdown(&self) -> Result<Value, String> {
+        self.0.request_shutdown();
+        Ok(json!({ "shutdown": true }))
+    }
+
+    fn memory_checksum(&self) -> Result<Value, String> {
+        if !self.0.is_paused() {
+            return Err("pause the VM first: the checksum of running memory is meaningless".into());
+        }
+        let crc = snapshot::memory_checksum(self.0.memory()).map_err(|e| e.to_string())?;
+        Ok(json!({ "crc32": crc }))
+    }
+}
+
+fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
+    let config = build_config(&args)?;
+    loop {
+        let vm = Arc::new(Vm::create(config.clone())?);
+        match supervise(vm, args.api_sock.as_deref(), false)? {
+            Some(code) => return Ok(code),
+            None => tracing::info!("guest rebooted"),
+        }
+    }
+}
+
+fn restore_vm(args: RestoreArgs) -> anyhow::Result<i32> {
+    let snap = SnapshotFile::open(&args.snapshot)?;
+    let mut config = snap.state.config.clone();
+    if !args.nets.is_empty() {
+        let nets: Vec<NetConfig> = args
+            .nets
+            .iter()
+            .map(|n| parse_net(n))
+            .collect::<anyhow::Result<_>>()?;
+        if nets.len() != config.nets.len() {
+            bail!(
+                "the snapshot has {} network interfaces; give exactly that many --net options (or none to reuse its taps)",
+                config.nets.len()
+            );
+        }
+        // The guest keeps its MACs: only the host side changes.
+        config.nets = nets
+            .into_iter()
+            .zip(&snap.state.config.nets)
+            .map(|(n, old)| NetConfig {
+                tap: n.tap,
+                mac: old.mac,
+            })
+            .collect();
+    }
+    config.console = parse_console(&args.console)?;
+    let vm = Arc::new(Vm::restore(config.clone(), &snap.state, |mem| {
+        snap.load_memory(mem)
+    })?);
+    match supervise(vm, args.api_sock.as_deref(), args.paused)? {
+        Some(code) => Ok(code),
+        None => {
+            // A reboot after restore boots the same configuration afresh.
+            let _ = config;
+            bail!("the restored guest rebooted; start it again with `ftvm vm run`")
+        }
+    }
+}
+
+/// Runs `vm` until it ends. `Some(status)` to exit with, `None` when the guest rebooted.
+fn supervise(
+    vm: Arc<Vm>,
+    api_sock: Option<&Path>,
+    start_paused: bool,
+) -> anyhow::Result<Option<i32>> {
+    let _server = match api_sock {
+        Some(p) => Some(api::serve(p, Arc::new(VmControl(vm.clone())))?),
+        None => None,
+    };
+    if start_paused {
+        vm.start_paused()?;
+    } else {
+        vm.start()?;
+    }
+    let reason = loop {
+        if let Some(r) = vm.wait_exit(Duration::from_millis(500)) {
+            break r;
+        }
+    };
+    vm.stop();
+    match reason {
+        ExitReason::PowerOff => Ok(Some(vm.guest_exit_status().unwrap_or(0))),
+        ExitReason::Shutdown => Ok(Some(0)),
+        ExitReason::Reboot => Ok(None),
+        ExitReason::Error(msg) => bail!("the VM stopped: {msg}"),
+    }
 }

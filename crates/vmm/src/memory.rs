@@ -14,7 +14,10 @@ pub fn ram_regions(mem_bytes: u64) -> Vec<(GuestAddress, usize)> {
     let low = mem_bytes.min(MMIO_GAP_START);
     let mut regions = vec![(GuestAddress(0), low as usize)];
     if mem_bytes > MMIO_GAP_START {
-        regions.push((GuestAddress(MMIO_GAP_END), (mem_bytes - MMIO_GAP_START) as usize));
+        regions.push((
+            GuestAddress(MMIO_GAP_END),
+            (mem_bytes - MMIO_GAP_START) as usize,
+        ));
     }
     regions
 }

@@ -1,0 +1,777 @@
+//! A virtual machine: KVM VM and vCPUs, guest memory, devices and their threads; boot, pause,
+//! resume, dirty-page collection and complete-state capture.
+
+use std::fs::OpenOptions;
+use std::io::{LineWriter, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, KernelKind};
+use crate::config::{ConsoleConfig, VmConfig};
+use crate::devices::i8042::I8042;
+use crate::devices::power::AcpiPower;
+use crate::devices::serial::{Console, SerialDevice, SerialSnapshot};
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::mmio::{MmioSnapshot, MmioTransport};
+use crate::devices::virtio::net::Net;
+use crate::devices::virtio::tap::Tap;
+use crate::devices::{lock, Bus};
+use crate::dirty::DirtyPages;
+use crate::exit::{ExitReason, ExitSignal};
+use crate::layout::*;
+use crate::memory::{ram_regions, GuestMemory};
+use crate::vcpu::{self, VcpuHandle, VcpuRequest, VcpuResponse, VcpuShared, VcpuState};
+use crate::Error;
+
+/// Everything about a VM except its memory: what a snapshot or checkpoint carries.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct VmState {
+    /// The configuration the VM was built from.
+    pub config: VmConfig,
+    /// Which kind of kernel runs.
+    pub kind: KernelKind,
+    /// Per-vCPU state.
+    pub vcpus: Vec<VcpuState>,
+    /// PIC master, PIC slave, IOAPIC.
+    pub irqchips: Vec<kvm_irqchip>,
+    /// The PIT.
+    pub pit: kvm_pit_state2,
+    /// kvmclock.
+    pub clock: kvm_clock_data,
+    /// COM1.
+    pub serial: SerialSnapshot,
+    /// Virtio devices in configuration order (disks, then nets).
+    pub virtio: Vec<MmioSnapshot>,
+}
+
+/// Status for the control API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmStatus {
+    /// `running`, `paused` or `stopped`.
+    pub state: String,
+    /// vCPU count.
+    pub vcpus: u8,
+    /// Memory in MiB.
+    pub mem_mib: u64,
+    /// Kernel kind.
+    pub kernel: KernelKind,
+    /// Seconds since start.
+    pub uptime_s: f64,
+}
+
+struct NetRx {
+    transport: Arc<Mutex<MmioTransport>>,
+    tap_fd: RawFd,
+    kick: EventFd,
+}
+
+/// A KVM virtual machine with its devices.
+pub struct Vm {
+    _kvm: Kvm,
+    vm_fd: VmFd,
+    mem: GuestMemory,
+    config: VmConfig,
+    kind: KernelKind,
+    shared: Arc<VcpuShared>,
+    msr_list: Arc<Vec<u32>>,
+    unstarted: Mutex<Vec<VcpuFd>>,
+    vcpus: Mutex<Vec<VcpuHandle>>,
+    serial: Arc<Mutex<SerialDevice>>,
+    virtio: Vec<Arc<Mutex<MmioTransport>>>,
+    net_rx: Mutex<Vec<NetRx>>,
+    rx_kicks: Vec<EventFd>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    stop_evt: EventFd,
+    exit_status: Arc<Mutex<Option<i32>>>,
+    paused: AtomicBool,
+    control: Mutex<()>,
+    started: Instant,
+}
+
+/// The devices a VM is built with, opened before anything else is created so that bad input
+/// fails early and leaves nothing behind.
+struct OpenedDevices {
+    disks: Vec<Box<dyn storage::BlockBackend>>,
+    taps: Vec<Tap>,
+}
+
+fn open_devices(config: &VmConfig) -> Result<OpenedDevices, Error> {
+    let mut disks = Vec::new();
+    for d in &config.disks {
+        disks.push(
+            storage::open_backend(&d.path, d.read_only)
+                .map_err(|e| Error::Device(e.to_string()))?,
+        );
+    }
+    let mut taps = Vec::new();
+    for n in &config.nets {
+        taps.push(Tap::open(&n.tap).map_err(|e| Error::Device(e.to_string()))?);
+    }
+    Ok(OpenedDevices { disks, taps })
+}
+
+fn open_console(config: &ConsoleConfig) -> Result<Box<dyn Write + Send>, Error> {
+    Ok(match config {
+        ConsoleConfig::Stdio => Box::new(LineWriter::new(std::io::stdout())),
+        ConsoleConfig::Null => Box::new(std::io::sink()),
+        ConsoleConfig::File(path) => {
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| {
+                    Error::Device(format!("cannot open console file {}: {e}", path.display()))
+                })?;
+            Box::new(LineWriter::new(f))
+        }
+    })
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |e| Error::Kvm(format!("{what}: {e}"))
+}
+
+impl Vm {
+    /// Builds and boots a new VM from `config` (vCPUs not started yet: call `start`).
+    pub fn create(config: VmConfig) -> Result<Vm, Error> {
+        config
+            .validate()
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let is_elf = boot::is_elf(&config.kernel).map_err(|e| Error::Boot(e.to_string()))?;
+        if let Some(initrd) = &config.initrd {
+            std::fs::metadata(initrd).map_err(|e| {
+                Error::Boot(format!(
+                    "cannot read initrd {}: {e} (check --initrd)",
+                    initrd.display()
+                ))
+            })?;
+        }
+        let devices = open_devices(&config)?;
+        let kind = if is_elf {
+            KernelKind::Elf
+        } else {
+            KernelKind::BzImage
+        };
+        let vm = Self::build(config.clone(), kind, devices, None)?;
+
+        let mut cmdline = config.cmdline.clone();
+        if kind == KernelKind::Elf {
+            // The test guest times itself with the TSC; tell it the frequency.
+            let khz = lock(&vm.unstarted)
+                .first()
+                .and_then(|v| v.get_tsc_khz().ok())
+                .unwrap_or(0);
+            cmdline = format!("ftvm.tsc_khz={khz} {cmdline}");
+        }
+        let rsdp = match kind {
+            KernelKind::BzImage => Some(
+                crate::acpi::create_acpi_tables(&vm.mem, config.vcpus, &vm.virtio_infos())
+                    .map_err(|e| Error::Boot(e.to_string()))?,
+            ),
+            KernelKind::Elf => None,
+        };
+        let info = boot::load_guest(
+            &vm.mem,
+            &config.kernel,
+            config.initrd.as_deref(),
+            &cmdline,
+            rsdp,
+        )
+        .map_err(|e| Error::Boot(e.to_string()))?;
+        {
+            let vcpus = lock(&vm.unstarted);
+            let bsp = vcpus.first().ok_or_else(|| Error::Kvm("no vCPU".into()))?;
+            let sregs = bsp.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+            bsp.set_sregs(&boot::boot_sregs(sregs))
+                .map_err(kvm_err("KVM_SET_SREGS"))?;
+            bsp.set_regs(&boot::boot_regs(info.entry))
+                .map_err(kvm_err("KVM_SET_REGS"))?;
+            let fpu = kvm_bindings::kvm_fpu {
+                fcw: 0x37f,
+                mxcsr: 0x1f80,
+                ..Default::default()
+            };
+            bsp.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+        }
+        Ok(vm)
+    }
+
+    /// Rebuilds a VM from a captured state and memory image (vCPUs not started: call `start`).
+    /// `config` is the snapshot's configuration, possibly with other taps or console.
+    pub fn restore(
+        config: VmConfig,
+        state: &VmState,
+        fill_memory: impl FnOnce(&GuestMemory) -> Result<(), Error>,
+    ) -> Result<Vm, Error> {
+        config
+            .validate()
+            .map_err(|e| Error::Config(e.to_string()))?;
+        if config.disks.len() != state.config.disks.len()
+            || config.nets.len() != state.config.nets.len()
+        {
+            return Err(Error::Snapshot(
+                "the restored VM must have the same number of disks and network interfaces as the snapshot".into(),
+            ));
+        }
+        let devices = open_devices(&config)?;
+        let vm = Self::build(config, state.kind, devices, Some(&state.serial))?;
+        fill_memory(&vm.mem)?;
+        vm.load_state(state)?;
+        Ok(vm)
+    }
+
+    fn build(
+        config: VmConfig,
+        kind: KernelKind,
+        devices: OpenedDevices,
+        serial_state: Option<&SerialSnapshot>,
+    ) -> Result<Vm, Error> {
+        vcpu::install_kick_handler().map_err(Error::Kvm)?;
+        let kvm = Kvm::new().map_err(|e| {
+            Error::Kvm(format!(
+                "cannot open /dev/kvm: {e} (is KVM available and are you allowed to use it?)"
+            ))
+        })?;
+        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        vm_fd
+            .set_tss_address(0xfffb_d000)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let mem_bytes = config.mem_mib << 20;
+        let mem = GuestMemory::from_ranges(&ram_regions(mem_bytes)).map_err(|e| {
+            Error::Memory(format!(
+                "cannot allocate {} MiB of guest memory: {e}",
+                config.mem_mib
+            ))
+        })?;
+        for (slot, region) in mem.iter().enumerate() {
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: KVM_MEM_LOG_DIRTY_PAGES,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: the region is a live mapping owned by `mem`, which the Vm keeps for as long
+            // as the KVM VM exists.
+            unsafe { vm_fd.set_user_memory_region(r) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+
+        let exit = Arc::new(ExitSignal::default());
+        let exit_status = Arc::new(Mutex::new(None));
+        let mut io_bus = Bus::default();
+        let mut mmio_bus = Bus::default();
+
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Kvm(e.to_string()))?;
+        vm_fd
+            .register_irqfd(&serial_irq, SERIAL_IRQ)
+            .map_err(kvm_err("KVM_IRQFD"))?;
+        let console = Console::new(open_console(&config.console)?, exit_status.clone());
+        let serial = match serial_state {
+            Some(s) => SerialDevice::from_snapshot(serial_irq, console, s)
+                .map_err(|e| Error::Snapshot(e.to_string()))?,
+            None => SerialDevice::new(serial_irq, console),
+        };
+        let serial = Arc::new(Mutex::new(serial));
+        io_bus.insert(u64::from(SERIAL_PORT), 8, serial.clone());
+        io_bus.insert(
+            u64::from(ACPI_SLEEP_CONTROL_PORT),
+            3,
+            Arc::new(Mutex::new(AcpiPower::new(exit.clone()))),
+        );
+        io_bus.insert(0x60, 5, Arc::new(Mutex::new(I8042::new(exit.clone()))));
+
+        let mut virtio = Vec::new();
+        let mut net_rx = Vec::new();
+        let slot_of = |i: usize| -> Result<(EventFd, u64), Error> {
+            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Kvm(e.to_string()))?;
+            vm_fd
+                .register_irqfd(&irq, VIRTIO_IRQ_BASE + i as u32)
+                .map_err(kvm_err("KVM_IRQFD"))?;
+            Ok((irq, VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE))
+        };
+        for (i, backend) in devices.disks.into_iter().enumerate() {
+            let (irq, addr) = slot_of(virtio.len())?;
+            let dev = Block::new(backend, &format!("ftvm-disk{i}"));
+            let t = Arc::new(Mutex::new(MmioTransport::new(
+                Box::new(dev),
+                mem.clone(),
+                irq,
+            )));
+            mmio_bus.insert(addr, VIRTIO_MMIO_SIZE, t.clone());
+            virtio.push(t);
+        }
+        for (tap, net) in devices.taps.into_iter().zip(&config.nets) {
+            let (irq, addr) = slot_of(virtio.len())?;
+            let dev = Net::new(tap, net.mac).map_err(|e| Error::Device(e.to_string()))?;
+            let (tap_fd, kick) = dev.rx_fds().map_err(|e| Error::Device(e.to_string()))?;
+            let t = Arc::new(Mutex::new(MmioTransport::new(
+                Box::new(dev),
+                mem.clone(),
+                irq,
+            )));
+            mmio_bus.insert(addr, VIRTIO_MMIO_SIZE, t.clone());
+            net_rx.push(NetRx {
+                transport: t.clone(),
+                tap_fd,
+                kick,
+            });
+            virtio.push(t);
+        }
+
+        let base_cpuid = vcpu::supported_cpuid(&kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::new();
+        for i in 0..config.vcpus {
+            let fd = vm_fd
+                .create_vcpu(u64::from(i))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            fd.set_cpuid2(&vcpu::cpuid_for(&base_cpuid, i, config.vcpus))
+                .map_err(kvm_err("KVM_SET_CPUID2"))?;
+            vcpu::set_lint(&fd, i).map_err(|e| Error::Kvm(e.to_string()))?;
+            vcpus.push(fd);
+        }
+        let msr_list = Arc::new(
+            vcpus
+                .first()
+                .map(|v| vcpu::saved_msrs(&kvm, v))
+                .unwrap_or_default(),
+        );
+
+        let shared = Arc::new(VcpuShared {
+            pause: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            exit,
+            io_bus,
+            mmio_bus,
+        });
+        Ok(Vm {
+            _kvm: kvm,
+            vm_fd,
+            mem,
+            config,
+            kind,
+            shared,
+            msr_list,
+            unstarted: Mutex::new(vcpus),
+            vcpus: Mutex::new(Vec::new()),
+            serial,
+            virtio,
+            rx_kicks: net_rx
+                .iter()
+                .filter_map(|r| r.kick.try_clone().ok())
+                .collect(),
+            net_rx: Mutex::new(net_rx),
+            threads: Mutex::new(Vec::new()),
+            stop_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Kvm(e.to_string()))?,
+            exit_status,
+            paused: AtomicBool::new(false),
+            control: Mutex::new(()),
+            started: Instant::now(),
+        })
+    }
+
+    fn virtio_infos(&self) -> Vec<crate::acpi::VirtioMmioInfo> {
+        (0..self.virtio.len())
+            .map(|i| crate::acpi::VirtioMmioInfo {
+                addr: VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE,
+                size: VIRTIO_MMIO_SIZE,
+                gsi: VIRTIO_IRQ_BASE + i as u32,
+            })
+            .collect()
+    }
+
+    /// Starts the vCPU threads and the device threads.
+    pub fn start(&self) -> Result<(), Error> {
+        let fds: Vec<VcpuFd> = std::mem::take(&mut *lock(&self.unstarted));
+        let mut handles = lock(&self.vcpus);
+        for (i, fd) in fds.into_iter().enumerate() {
+            let h = vcpu::spawn(fd, i as u8, self.msr_list.clone(), self.shared.clone())
+                .map_err(|e| Error::Kvm(format!("cannot start vCPU thread: {e}")))?;
+            handles.push(h);
+        }
+        let mut threads = lock(&self.threads);
+        for rx in lock(&self.net_rx).drain(..) {
+            let stop = self
+                .stop_evt
+                .try_clone()
+                .map_err(|e| Error::Device(e.to_string()))?;
+            let t = std::thread::Builder::new()
+                .name("net-rx".into())
+                .spawn(move || net_rx_loop(rx, stop))
+                .map_err(|e| Error::Device(format!("cannot start receive thread: {e}")))?;
+            threads.push(t);
+        }
+        if self.config.console == ConsoleConfig::Stdio && is_tty(0) {
+            let serial = self.serial.clone();
+            // Blocked in read() until input or process exit; not joined.
+            let _ = std::thread::Builder::new()
+                .name("stdin".into())
+                .spawn(move || stdin_loop(serial));
+        }
+        Ok(())
+    }
+
+    /// Starts the VM paused: threads run but no guest instruction executes until `resume`.
+    pub fn start_paused(&self) -> Result<(), Error> {
+        let _g = lock(&self.control);
+        self.shared.pause.store(true, Ordering::Release);
+        for t in &self.virtio {
+            lock(t).set_paused(true);
+        }
+        self.start()?;
+        for h in lock(&self.vcpus).iter() {
+            match h.responses.recv_timeout(Duration::from_secs(5)) {
+                Ok(VcpuResponse::Paused) => {}
+                _ => return Err(Error::Kvm(format!("vCPU {} did not pause", h.index))),
+            }
+        }
+        self.paused.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Stops every vCPU at an instruction boundary and device threads from touching memory.
+    /// Returns how long the stop took.
+    pub fn pause(&self) -> Result<Duration, Error> {
+        let _g = lock(&self.control);
+        self.pause_locked()
+    }
+
+    fn pause_locked(&self) -> Result<Duration, Error> {
+        let t0 = Instant::now();
+        if self.paused.load(Ordering::Acquire) {
+            return Ok(Duration::ZERO);
+        }
+        self.shared.pause.store(true, Ordering::Release);
+        let handles = lock(&self.vcpus);
+        for h in handles.iter() {
+            kick(&h.thread);
+        }
+        for h in handles.iter() {
+            loop {
+                match h.responses.recv_timeout(Duration::from_millis(100)) {
+                    Ok(VcpuResponse::Paused) => break,
+                    Ok(_) => {}
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => kick(&h.thread),
+                    Err(_) => return Err(Error::Kvm(format!("vCPU {} thread has ended", h.index))),
+                }
+            }
+        }
+        for t in &self.virtio {
+            lock(t).set_paused(true);
+        }
+        self.paused.store(true, Ordering::Release);
+        Ok(t0.elapsed())
+    }
+
+    /// Lets a paused VM run again.
+    pub fn resume(&self) -> Result<(), Error> {
+        let _g = lock(&self.control);
+        self.resume_locked()
+    }
+
+    fn resume_locked(&self) -> Result<(), Error> {
+        if !self.paused.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        for t in &self.virtio {
+            lock(t).set_paused(false);
+        }
+        self.shared.pause.store(false, Ordering::Release);
+        for h in lock(&self.vcpus).iter() {
+            h.requests
+                .send(VcpuRequest::Resume)
+                .map_err(|_| Error::Kvm(format!("vCPU {} thread has ended", h.index)))?;
+        }
+        self.paused.store(false, Ordering::Release);
+        // Wake receive threads parked while paused.
+        for k in &self.rx_kicks {
+            let _ = k.write(1);
+        }
+        Ok(())
+    }
+
+    /// Whether the VM is paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
+    }
+
+    /// Captures the complete device and vCPU state. The VM must be paused.
+    pub fn save_state(&self) -> Result<VmState, Error> {
+        if !self.is_paused() {
+            return Err(Error::State(
+                "the VM must be paused to capture its state".into(),
+            ));
+        }
+        let mut vcpus = Vec::new();
+        let handles = lock(&self.vcpus);
+        for h in handles.iter() {
+            h.requests
+                .send(VcpuRequest::Save)
+                .map_err(|_| Error::Kvm(format!("vCPU {} thread has ended", h.index)))?;
+            match h.responses.recv() {
+                Ok(VcpuResponse::Saved(Ok(s))) => vcpus.push(*s),
+                Ok(VcpuResponse::Saved(Err(e))) => return Err(Error::Kvm(e.to_string())),
+                _ => return Err(Error::Kvm(format!("vCPU {} did not answer", h.index))),
+            }
+        }
+        let mut irqchips = Vec::new();
+        for chip_id in [
+            KVM_IRQCHIP_PIC_MASTER,
+            KVM_IRQCHIP_PIC_SLAVE,
+            KVM_IRQCHIP_IOAPIC,
+        ] {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.vm_fd
+                .get_irqchip(&mut chip)
+                .map_err(kvm_err("KVM_GET_IRQCHIP"))?;
+            irqchips.push(chip);
+        }
+        Ok(VmState {
+            config: self.config.clone(),
+            kind: self.kind,
+            vcpus,
+            irqchips,
+            pit: self.vm_fd.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?,
+            clock: self.vm_fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?,
+            serial: lock(&self.serial).snapshot(),
+            virtio: self.virtio.iter().map(|t| lock(t).snapshot()).collect(),
+        })
+    }
+
+    /// Loads a captured state into a VM built from the same configuration (before `start`, or
+    /// while paused).
+    pub fn load_state(&self, state: &VmState) -> Result<(), Error> {
+        if state.vcpus.len() != usize::from(self.config.vcpus)
+            || state.virtio.len() != self.virtio.len()
+        {
+            return Err(Error::Snapshot(
+                "the state does not match this VM's vCPUs and devices".into(),
+            ));
+        }
+        self.vm_fd
+            .set_pit2(&state.pit)
+            .map_err(kvm_err("KVM_SET_PIT2"))?;
+        let mut clock = state.clock;
+        clock.flags = 0;
+        self.vm_fd
+            .set_clock(&clock)
+            .map_err(kvm_err("KVM_SET_CLOCK"))?;
+        for chip in &state.irqchips {
+            self.vm_fd
+                .set_irqchip(chip)
+                .map_err(kvm_err("KVM_SET_IRQCHIP"))?;
+        }
+        {
+            let unstarted = lock(&self.unstarted);
+            if !unstarted.is_empty() {
+                for (i, (fd, s)) in unstarted.iter().zip(&state.vcpus).enumerate() {
+                    vcpu::restore_state(fd, i as u8, s).map_err(|e| Error::Kvm(e.to_string()))?;
+                }
+            } else {
+                if !self.is_paused() {
+                    return Err(Error::State("the VM must be paused to load a state".into()));
+                }
+                for (h, s) in lock(&self.vcpus).iter().zip(&state.vcpus) {
+                    h.requests
+                        .send(VcpuRequest::Restore(Box::new(s.clone())))
+                        .map_err(|_| Error::Kvm(format!("vCPU {} thread has ended", h.index)))?;
+                    match h.responses.recv() {
+                        Ok(VcpuResponse::Restored(Ok(()))) => {}
+                        Ok(VcpuResponse::Restored(Err(e))) => {
+                            return Err(Error::Kvm(e.to_string()))
+                        }
+                        _ => return Err(Error::Kvm(format!("vCPU {} did not answer", h.index))),
+                    }
+                }
+            }
+        }
+        for (t, s) in self.virtio.iter().zip(&state.virtio) {
+            lock(t).restore(s).map_err(Error::Snapshot)?;
+        }
+        Ok(())
+    }
+
+    /// The guest pages written since the previous call, by vCPUs (KVM dirty log) and by the
+    /// monitor's devices (the guest-memory write bitmap).
+    pub fn take_dirty_pages(&self) -> Result<DirtyPages, Error> {
+        let mut regions = Vec::new();
+        for (slot, region) in self.mem.iter().enumerate() {
+            let mut bits = self
+                .vm_fd
+                .get_dirty_log(slot as u32, region.len() as usize)
+                .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+            {
+                let bitmap: &vm_memory::bitmap::AtomicBitmap =
+                    vm_memory::MmapRegion::bitmap(region);
+                for (b, m) in bits.iter_mut().zip(bitmap.get_and_reset()) {
+                    *b |= m;
+                }
+            }
+            regions.push((region.start_addr().0, region.len(), bits));
+        }
+        Ok(DirtyPages::new(regions))
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.mem
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Status for the control API.
+    pub fn status(&self) -> VmStatus {
+        let state = if self.shared.exit.get().is_some() {
+            "stopped"
+        } else if self.is_paused() {
+            "paused"
+        } else {
+            "running"
+        };
+        VmStatus {
+            state: state.into(),
+            vcpus: self.config.vcpus,
+            mem_mib: self.config.mem_mib,
+            kernel: self.kind,
+            uptime_s: self.started.elapsed().as_secs_f64(),
+        }
+    }
+
+    /// Asks the VM to stop (as the control API's `shutdown` does).
+    pub fn request_shutdown(&self) {
+        self.shared.exit.set(ExitReason::Shutdown);
+    }
+
+    /// Waits for the VM to stop; returns why, or `None` after `timeout`.
+    pub fn wait_exit(&self, timeout: Duration) -> Option<ExitReason> {
+        self.shared.exit.wait_timeout(timeout)
+    }
+
+    /// The exit status an image's init reported on the console, if any.
+    pub fn guest_exit_status(&self) -> Option<i32> {
+        *lock(&self.exit_status)
+    }
+
+    /// Stops all threads. The VM cannot run again.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::Release);
+        let _ = self.stop_evt.write(1);
+        let handles: Vec<VcpuHandle> = lock(&self.vcpus).drain(..).collect();
+        for h in &handles {
+            kick(&h.thread);
+        }
+        for h in handles {
+            // A paused thread waits on its request channel: closing it ends the thread.
+            drop(h.requests);
+            let _ = h.thread.join();
+        }
+        for t in lock(&self.threads).drain(..) {
+            let _ = t.join();
+        }
+        lock(&self.serial).flush();
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn kick(thread: &JoinHandle<()>) {
+    use std::os::unix::thread::JoinHandleExt;
+    // SAFETY: the pthread handle belongs to a thread that has not been joined yet.
+    unsafe { libc::pthread_kill(thread.as_pthread_t(), vcpu::kick_signal()) };
+}
+
+fn is_tty(fd: RawFd) -> bool {
+    // SAFETY: isatty only inspects the descriptor.
+    unsafe { libc::isatty(fd) == 1 }
+}
+
+fn stdin_loop(serial: Arc<Mutex<SerialDevice>>) {
+    let mut buf = [0u8; 64];
+    loop {
+        // SAFETY: reading into a valid stack buffer from fd 0.
+        let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            return;
+        }
+        let mut rest = &buf[..n as usize];
+        while !rest.is_empty() {
+            let taken = lock(&serial).enqueue_input(rest);
+            rest = &rest[taken..];
+            if taken == 0 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+}
+
+/// Delivers received frames: waits for the tap (when the guest has buffers) or for a kick.
+fn net_rx_loop(rx: NetRx, stop: EventFd) {
+    loop {
+        let waiting = {
+            let mut t = lock(&rx.transport);
+            t.poll_backend();
+            t.backend_waiting()
+        };
+        let mut fds = [
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: rx.kick.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: rx.tap_fd,
+                events: if waiting { 0 } else { libc::POLLIN },
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of pollfd for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 200) };
+        if n < 0 {
+            continue;
+        }
+        if fds[0].revents != 0 {
+            // Never read: every receive thread must see the stop.
+            return;
+        }
+        if fds[1].revents != 0 {
+            let _ = rx.kick.read();
+        }
+    }
+}
