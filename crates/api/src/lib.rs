@@ -42,12 +42,12 @@ pub trait Control: Send + Sync + 'static {
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// Socket trouble.
-    #[error("control socket {path}: {source}")]
+    #[error("control socket {path}: {error}")]
     Socket {
         /// The socket path.
         path: String,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The server answered with an error.
     #[error("{0}")]
@@ -133,9 +133,9 @@ fn router(ctl: Ctl) -> Router {
 
 /// Serves the API on a Unix socket at `path` (an existing stale socket file is replaced).
 pub fn serve(path: &Path, ctl: Arc<dyn Control>) -> Result<ApiServer, ApiError> {
-    let sock_err = |source| ApiError::Socket {
+    let sock_err = |error| ApiError::Socket {
         path: path.display().to_string(),
-        source,
+        error,
     };
     if path.exists() {
         // Refuse to steal a live socket; replace a stale one.
@@ -209,12 +209,12 @@ async fn request_async(
 ) -> Result<Value, ApiError> {
     let stream = tokio::net::UnixStream::connect(sock)
         .await
-        .map_err(|source| ApiError::Socket {
+        .map_err(|error| ApiError::Socket {
             path: format!(
                 "{} (is the monitor running with --api-sock?)",
                 sock.display()
             ),
-            source,
+            error,
         })?;
     let io = hyper_util::rt::TokioIo::new(stream);
     let (mut sender, conn) = hyper::client::conn::http1::handshake(io)

@@ -1,12 +1,34 @@
-//! `ftvm bench` subcommands.
+//! `ftvm bench` subcommands: measurements printed as figures (never asserted in tests).
 
 use clap::Subcommand;
 
 /// `ftvm bench` subcommands.
 #[derive(Subcommand)]
-pub enum BenchCommand {}
+pub enum BenchCommand {
+    /// Test-guest boot time (start → workload running) and the monitor's memory overhead.
+    Boot {
+        /// Boots to measure.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Print one JSON object on the last line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cost of pause + dirty-set collection + resume, idle and at 10k and 100k dirty pages/s.
+    Pause {
+        /// Pause cycles per dirty rate.
+        #[arg(long, default_value_t = 300)]
+        cycles: usize,
+        /// Print one JSON object on the last line.
+        #[arg(long)]
+        json: bool,
+    },
+}
 
 /// Runs one `ftvm bench` subcommand; returns the process exit status.
 pub fn run(cmd: BenchCommand) -> anyhow::Result<i32> {
-    match cmd {}
+    match cmd {
+        BenchCommand::Boot { runs, json } => crate::bench_vm::boot(runs, json),
+        BenchCommand::Pause { cycles, json } => crate::bench_vm::pause(cycles, json),
+    }
 }

@@ -1,6 +1,7 @@
 //! `ftvm`: the fault-tolerant virtualization cluster's command-line tool.
 
 mod bench;
+mod bench_vm;
 mod image;
 mod vm;
 mod volume;

@@ -35,6 +35,54 @@ pub enum VmCommand {
     },
     /// Stop a running VM.
     Shutdown(SockArgs),
+    /// Stand by as the FT backup of a VM whose primary runs `vm run --ft-peer`.
+    Backup(BackupArgs),
+}
+
+/// FT options of `vm run` (the primary side).
+#[derive(Args, Clone)]
+pub struct FtArgs {
+    /// Protect the VM with FT: the backup's A-link address (it runs `ftvm vm backup --listen`).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub ft_peer: Option<std::net::SocketAddr>,
+    /// File holding the cluster secret that authenticates A-link frames (or set FTVM_FT_SECRET).
+    #[arg(long, value_name = "PATH")]
+    pub ft_secret_file: Option<PathBuf>,
+    /// Shortest checkpoint interval, ms.
+    #[arg(long, default_value_t = 2)]
+    pub ft_min_interval_ms: u64,
+    /// Longest checkpoint interval, ms.
+    #[arg(long, default_value_t = 20)]
+    pub ft_max_interval_ms: u64,
+    /// A-link silence after which the peer is declared lost, ms.
+    #[arg(long, default_value_t = 100)]
+    pub ft_timeout_ms: u64,
+}
+
+/// Options of `ftvm vm backup`.
+#[derive(Args)]
+pub struct BackupArgs {
+    /// A-link address to listen on.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: std::net::SocketAddr,
+    /// This node's copies of the VM's disks, in the primary's order: PATH[,readonly].
+    #[arg(long = "disk")]
+    pub disks: Vec<String>,
+    /// This node's taps, in the primary's order: tap=NAME (the guest keeps its MACs).
+    #[arg(long = "net")]
+    pub nets: Vec<String>,
+    /// Console of the guest once it runs here: stdio, file:PATH or null.
+    #[arg(long, default_value = "stdio")]
+    pub console: String,
+    /// Serve the control API on this Unix socket.
+    #[arg(long)]
+    pub api_sock: Option<PathBuf>,
+    /// File holding the cluster secret (or set FTVM_FT_SECRET).
+    #[arg(long, value_name = "PATH")]
+    pub ft_secret_file: Option<PathBuf>,
+    /// A-link silence after which the primary is declared lost, ms.
+    #[arg(long, default_value_t = 100)]
+    pub ft_timeout_ms: u64,
 }
 
 /// The control socket of a running VM.
@@ -81,6 +129,8 @@ pub struct RunArgs {
     /// Serve the control API on this Unix socket.
     #[arg(long)]
     pub api_sock: Option<PathBuf>,
+    #[command(flatten)]
+    pub ft: FtArgs,
 }
 
 /// Options of `ftvm vm restore`.
@@ -108,6 +158,7 @@ pub fn run(cmd: VmCommand) -> anyhow::Result<i32> {
     match cmd {
         VmCommand::Run(args) => run_vm(args),
         VmCommand::Restore(args) => restore_vm(args),
+        VmCommand::Backup(args) => backup_vm(args),
         VmCommand::Status(s) => print_answer(api::request(&s.api_sock, "GET", "/status", None)?),
         VmCommand::Pause(s) => print_answer(api::request(&s.api_sock, "POST", "/pause", None)?),
         VmCommand::Resume(s) => print_answer(api::request(&s.api_sock, "POST", "/resume", None)?),
@@ -277,12 +328,20 @@ fn default_linux_cmdline() -> String {
     "console=ttyS0 earlyprintk=serial,ttyS0 reboot=acpi panic=-1".to_string()
 }
 
-/// The control API's view of a VM.
-struct VmControl(Arc<Vm>);
+/// The control API's view of a VM (and of its FT engine, if protected).
+struct VmControl(Arc<Vm>, Option<Arc<replication::FtStatus>>);
 
 impl api::Control for VmControl {
     fn status(&self) -> Value {
-        serde_json::to_value(self.0.status()).unwrap_or_else(|e| json!({ "error": e.to_string() }))
+        let mut v = serde_json::to_value(self.0.status())
+            .unwrap_or_else(|e| json!({ "error": e.to_string() }));
+        if let (Some(ft), Some(obj)) = (&self.1, v.as_object_mut()) {
+            obj.insert(
+                "ft".into(),
+                serde_json::to_value(ft.get()).unwrap_or_default(),
+            );
+        }
+        v
     }
 
     fn pause(&self) -> Result<Value, String> {
@@ -314,13 +373,118 @@ impl api::Control for VmControl {
     }
 }
 
+/// Reads the cluster secret from `file` or FTVM_FT_SECRET.
+fn read_secret(file: Option<&Path>) -> anyhow::Result<Vec<u8>> {
+    let secret = match file {
+        Some(f) => std::fs::read(f)
+            .with_context(|| format!("cannot read the cluster secret {}", f.display()))?,
+        None => match std::env::var("FTVM_FT_SECRET") {
+            Ok(s) => s.into_bytes(),
+            Err(_) => bail!("FT needs the cluster secret: --ft-secret-file PATH or FTVM_FT_SECRET"),
+        },
+    };
+    let trimmed: Vec<u8> = secret.trim_ascii().to_vec();
+    if trimmed.len() < 16 {
+        bail!("the cluster secret is {} bytes; use at least 16 (e.g. `head -c 32 /dev/urandom | base64`)", trimmed.len());
+    }
+    Ok(trimmed)
+}
+
 fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
     let config = build_config(&args)?;
+    let ft = match args.ft.ft_peer {
+        Some(peer) => {
+            let mut o =
+                replication::FtOptions::new(peer, read_secret(args.ft.ft_secret_file.as_deref())?);
+            o.min_interval = Duration::from_millis(args.ft.ft_min_interval_ms.max(1));
+            o.max_interval =
+                Duration::from_millis(args.ft.ft_max_interval_ms.max(args.ft.ft_min_interval_ms));
+            o.timeout = Duration::from_millis(args.ft.ft_timeout_ms.max(10));
+            Some(o)
+        }
+        None => None,
+    };
     loop {
         let vm = Arc::new(Vm::create(config.clone())?);
-        match supervise(vm, args.api_sock.as_deref(), false)? {
+        let status = match &ft {
+            Some(opts) => {
+                let status = Arc::new(replication::FtStatus::new("primary"));
+                replication::start_primary(vm.clone(), opts.clone(), status.clone())
+                    .context("cannot start the FT engine")?;
+                Some(status)
+            }
+            None => None,
+        };
+        match supervise(vm, args.api_sock.as_deref(), false, status)? {
             Some(code) => return Ok(code),
+            None if ft.is_some() => {
+                bail!("the FT guest rebooted; FT protection does not follow reboots yet")
+            }
             None => tracing::info!("guest rebooted"),
+        }
+    }
+}
+
+/// The control API of a backup that has no running VM yet.
+struct BackupControl(Arc<replication::FtStatus>);
+
+impl api::Control for BackupControl {
+    fn status(&self) -> Value {
+        json!({ "state": "standby", "ft": serde_json::to_value(self.0.get()).unwrap_or_default() })
+    }
+    fn pause(&self) -> Result<Value, String> {
+        Err("this node holds a standby copy; pause the primary".into())
+    }
+    fn resume(&self) -> Result<Value, String> {
+        Err("this node holds a standby copy; nothing runs here".into())
+    }
+    fn snapshot(&self, _: &Path) -> Result<Value, String> {
+        Err("this node holds a standby copy; snapshot the primary".into())
+    }
+    fn shutdown(&self) -> Result<Value, String> {
+        Err("stop the backup process itself (it has no running VM)".into())
+    }
+    fn memory_checksum(&self) -> Result<Value, String> {
+        Err("this node holds a standby copy".into())
+    }
+}
+
+fn backup_vm(args: BackupArgs) -> anyhow::Result<i32> {
+    let secret = read_secret(args.ft_secret_file.as_deref())?;
+    let disks = args
+        .disks
+        .iter()
+        .map(|d| parse_disk(d))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let taps = args
+        .nets
+        .iter()
+        .map(|n| parse_net(n).map(|n| n.tap))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let opts = replication::BackupOptions {
+        listen: args.listen,
+        secret,
+        disks,
+        taps,
+        console: parse_console(&args.console)?,
+        timeout: Duration::from_millis(args.ft_timeout_ms.max(10)),
+    };
+    let status = Arc::new(replication::FtStatus::new("backup"));
+    let server = match &args.api_sock {
+        Some(p) => Some(api::serve(p, Arc::new(BackupControl(status.clone())))?),
+        None => None,
+    };
+    match replication::run_backup(&opts, status.clone())? {
+        replication::BackupOutcome::PrimaryStopped => Ok(0),
+        replication::BackupOutcome::FailedOver { vm, epoch, reason } => {
+            eprintln!("ftvm: primary lost ({reason}); guest resumed here from checkpoint {epoch}");
+            drop(server);
+            match supervise_started(vm, args.api_sock.as_deref(), Some(status))? {
+                Some(code) => Ok(code),
+                None => {
+                    bail!("the guest rebooted after failover; start it again with `ftvm vm run`")
+                }
+            }
         }
     }
 }
@@ -354,7 +518,7 @@ fn restore_vm(args: RestoreArgs) -> anyhow::Result<i32> {
     let vm = Arc::new(Vm::restore(config.clone(), &snap.state, |mem| {
         snap.load_memory(mem)
     })?);
-    match supervise(vm, args.api_sock.as_deref(), args.paused)? {
+    match supervise(vm, args.api_sock.as_deref(), args.paused, None)? {
         Some(code) => Ok(code),
         None => {
             // A reboot after restore boots the same configuration afresh.
@@ -369,9 +533,10 @@ fn supervise(
     vm: Arc<Vm>,
     api_sock: Option<&Path>,
     start_paused: bool,
+    ft: Option<Arc<replication::FtStatus>>,
 ) -> anyhow::Result<Option<i32>> {
-    let _server = match api_sock {
-        Some(p) => Some(api::serve(p, Arc::new(VmControl(vm.clone())))?),
+    let server = match api_sock {
+        Some(p) => Some(api::serve(p, Arc::new(VmControl(vm.clone(), ft)))?),
         None => None,
     };
     if start_paused {
@@ -379,6 +544,23 @@ fn supervise(
     } else {
         vm.start()?;
     }
+    wait_end(vm, server)
+}
+
+/// Runs an already started `vm` until it ends.
+fn supervise_started(
+    vm: Arc<Vm>,
+    api_sock: Option<&Path>,
+    ft: Option<Arc<replication::FtStatus>>,
+) -> anyhow::Result<Option<i32>> {
+    let server = match api_sock {
+        Some(p) => Some(api::serve(p, Arc::new(VmControl(vm.clone(), ft)))?),
+        None => None,
+    };
+    wait_end(vm, server)
+}
+
+fn wait_end(vm: Arc<Vm>, _server: Option<api::ApiServer>) -> anyhow::Result<Option<i32>> {
     let reason = loop {
         if let Some(r) = vm.wait_exit(Duration::from_millis(500)) {
             break r;

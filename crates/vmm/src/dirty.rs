@@ -14,6 +14,15 @@ impl DirtyPages {
         Self { regions }
     }
 
+    /// Adds every page of `other` (same region layout) to this set.
+    pub fn merge(&mut self, other: &DirtyPages) {
+        for ((_, _, bits), (_, _, more)) in self.regions.iter_mut().zip(&other.regions) {
+            for (b, m) in bits.iter_mut().zip(more) {
+                *b |= m;
+            }
+        }
+    }
+
     /// Number of dirty pages.
     pub fn count(&self) -> usize {
         self.regions

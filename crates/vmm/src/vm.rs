@@ -24,9 +24,11 @@ use crate::config::{ConsoleConfig, VmConfig};
 use crate::devices::i8042::I8042;
 use crate::devices::power::AcpiPower;
 use crate::devices::serial::{Console, SerialDevice, SerialSnapshot};
-use crate::devices::virtio::block::Block;
+use crate::devices::virtio::block::{Block, SharedBackend};
+use crate::devices::virtio::disk_log::DiskLog;
 use crate::devices::virtio::mmio::{MmioSnapshot, MmioTransport};
 use crate::devices::virtio::net::Net;
+use crate::devices::virtio::output::NetOutput;
 use crate::devices::virtio::tap::Tap;
 use crate::devices::{lock, Bus};
 use crate::dirty::DirtyPages;
@@ -93,6 +95,9 @@ pub struct Vm {
     virtio: Vec<Arc<Mutex<MmioTransport>>>,
     net_rx: Mutex<Vec<NetRx>>,
     rx_kicks: Vec<EventFd>,
+    net_outputs: Vec<Arc<NetOutput>>,
+    disk_logs: Vec<Arc<DiskLog>>,
+    disk_backends: Vec<SharedBackend>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     stop_evt: EventFd,
     exit_status: Arc<Mutex<Option<i32>>>,
@@ -233,6 +238,16 @@ impl Vm {
         Ok(vm)
     }
 
+    /// Builds a VM with `config`'s memory, vCPUs and devices but loads nothing: an FT backup's
+    /// standby copy, filled by checkpoints and started (after `load_state`) on failover.
+    pub fn create_standby(config: VmConfig, kind: KernelKind) -> Result<Vm, Error> {
+        config
+            .validate()
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let devices = open_devices(&config)?;
+        Self::build(config, kind, devices, None)
+    }
+
     fn build(
         config: VmConfig,
         kind: KernelKind,
@@ -305,6 +320,9 @@ impl Vm {
 
         let mut virtio = Vec::new();
         let mut net_rx = Vec::new();
+        let mut net_outputs = Vec::new();
+        let mut disk_logs = Vec::new();
+        let mut disk_backends = Vec::new();
         let slot_of = |i: usize| -> Result<(EventFd, u64), Error> {
             let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Kvm(e.to_string()))?;
             vm_fd
@@ -315,6 +333,8 @@ impl Vm {
         for (i, backend) in devices.disks.into_iter().enumerate() {
             let (irq, addr) = slot_of(virtio.len())?;
             let dev = Block::new(backend, &format!("ftvm-disk{i}"));
+            disk_logs.push(dev.log());
+            disk_backends.push(dev.backend());
             let t = Arc::new(Mutex::new(MmioTransport::new(
                 Box::new(dev),
                 mem.clone(),
@@ -327,6 +347,7 @@ impl Vm {
             let (irq, addr) = slot_of(virtio.len())?;
             let dev = Net::new(tap, net.mac).map_err(|e| Error::Device(e.to_string()))?;
             let (tap_fd, kick) = dev.rx_fds().map_err(|e| Error::Device(e.to_string()))?;
+            net_outputs.push(dev.output());
             let t = Arc::new(Mutex::new(MmioTransport::new(
                 Box::new(dev),
                 mem.clone(),
@@ -383,6 +404,9 @@ impl Vm {
                 .filter_map(|r| r.kick.try_clone().ok())
                 .collect(),
             net_rx: Mutex::new(net_rx),
+            net_outputs,
+            disk_logs,
+            disk_backends,
             threads: Mutex::new(Vec::new()),
             stop_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Kvm(e.to_string()))?,
             exit_status,
@@ -619,22 +643,47 @@ impl Vm {
     /// The guest pages written since the previous call, by vCPUs (KVM dirty log) and by the
     /// monitor's devices (the guest-memory write bitmap).
     pub fn take_dirty_pages(&self) -> Result<DirtyPages, Error> {
-        let mut regions = Vec::new();
+        let (mut vcpu, monitor) = self.take_dirty_pages_by_source()?;
+        vcpu.merge(&monitor);
+        Ok(vcpu)
+    }
+
+    /// Like `take_dirty_pages`, but keeps the two sources apart: (vCPU writes, monitor writes).
+    pub fn take_dirty_pages_by_source(&self) -> Result<(DirtyPages, DirtyPages), Error> {
+        let mut vcpu = Vec::new();
+        let mut monitor = Vec::new();
         for (slot, region) in self.mem.iter().enumerate() {
-            let mut bits = self
+            let bits = self
                 .vm_fd
                 .get_dirty_log(slot as u32, region.len() as usize)
                 .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
-            {
-                let bitmap: &vm_memory::bitmap::AtomicBitmap =
-                    vm_memory::MmapRegion::bitmap(region);
-                for (b, m) in bits.iter_mut().zip(bitmap.get_and_reset()) {
-                    *b |= m;
-                }
-            }
-            regions.push((region.start_addr().0, region.len(), bits));
+            let bitmap: &vm_memory::bitmap::AtomicBitmap = vm_memory::MmapRegion::bitmap(region);
+            let mut mon = bitmap.get_and_reset();
+            mon.resize(bits.len(), 0);
+            vcpu.push((region.start_addr().0, region.len(), bits));
+            monitor.push((region.start_addr().0, region.len(), mon));
         }
-        Ok(DirtyPages::new(regions))
+        Ok((DirtyPages::new(vcpu), DirtyPages::new(monitor)))
+    }
+
+    /// The transmit side of each network interface (output commit).
+    pub fn net_outputs(&self) -> &[Arc<NetOutput>] {
+        &self.net_outputs
+    }
+
+    /// The FT write log of each disk.
+    pub fn disk_logs(&self) -> &[Arc<DiskLog>] {
+        &self.disk_logs
+    }
+
+    /// The backend of each disk.
+    pub fn disk_backends(&self) -> &[SharedBackend] {
+        &self.disk_backends
+    }
+
+    /// The kind of kernel.
+    pub fn kind(&self) -> KernelKind {
+        self.kind
     }
 
     /// Guest memory.

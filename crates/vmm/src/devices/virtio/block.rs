@@ -1,10 +1,13 @@
 //! virtio-blk over a `storage::BlockBackend` (raw or qcow2): read, write, flush, get-id.
 //! Requests are served synchronously when the guest notifies the queue.
 
+use std::sync::{Arc, Mutex};
+
 use storage::BlockBackend;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
+use super::disk_log::DiskLog;
 use super::{read_config_bytes, DeviceSnapshot, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1};
 use crate::memory::GuestMemory;
 
@@ -25,17 +28,22 @@ const SECTOR: u64 = 512;
 const QUEUE_SIZES: &[u16] = &[256];
 const SEG_MAX: u32 = 126;
 
+/// A disk backend shared between the device and the FT engine (the backup applies writes).
+pub type SharedBackend = Arc<Mutex<Box<dyn BlockBackend>>>;
+
 /// A virtio block device.
 pub struct Block {
-    backend: Box<dyn BlockBackend>,
+    backend: SharedBackend,
     id: String,
     config: Vec<u8>,
+    log: Arc<DiskLog>,
 }
 
 impl Block {
     /// A block device serving `backend`; `id` is what GET_ID returns (at most 20 bytes).
     pub fn new(backend: Box<dyn BlockBackend>, id: &str) -> Self {
         let sectors = backend.size() / SECTOR;
+        let backend = Arc::new(Mutex::new(backend));
         let mut config = vec![0u8; 24];
         config[0..8].copy_from_slice(&sectors.to_le_bytes());
         config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
@@ -43,7 +51,18 @@ impl Block {
             backend,
             id: id.chars().take(20).collect(),
             config,
+            log: Arc::default(),
         }
+    }
+
+    /// The backend, shared.
+    pub fn backend(&self) -> SharedBackend {
+        self.backend.clone()
+    }
+
+    /// The FT write log of this disk.
+    pub fn log(&self) -> Arc<DiskLog> {
+        self.log.clone()
     }
 
     /// Serves one request; returns the number of bytes written into guest memory and the status.
@@ -67,7 +86,9 @@ impl Block {
             T_IN => {
                 for &(addr, len, _) in data {
                     let mut buf = vec![0u8; len as usize];
-                    if self.backend.read_at(&mut buf, offset).is_err()
+                    if crate::devices::lock(&self.backend)
+                        .read_at(&mut buf, offset)
+                        .is_err()
                         || mem.write_slice(&buf, addr).is_err()
                     {
                         return (written, S_IOERR);
@@ -81,15 +102,18 @@ impl Block {
                 for &(addr, len, _) in data {
                     let mut buf = vec![0u8; len as usize];
                     if mem.read_slice(&mut buf, addr).is_err()
-                        || self.backend.write_at(&buf, offset).is_err()
+                        || crate::devices::lock(&self.backend)
+                            .write_at(&buf, offset)
+                            .is_err()
                     {
                         return (written, S_IOERR);
                     }
+                    self.log.record(offset, &buf);
                     offset += u64::from(len);
                 }
                 S_OK
             }
-            T_FLUSH => match self.backend.flush() {
+            T_FLUSH => match crate::devices::lock(&self.backend).flush() {
                 Ok(()) => S_OK,
                 Err(_) => S_IOERR,
             },
@@ -120,7 +144,7 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        let ro = if self.backend.read_only() {
+        let ro = if crate::devices::lock(&self.backend).read_only() {
             VIRTIO_BLK_F_RO
         } else {
             0

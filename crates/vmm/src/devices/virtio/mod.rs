@@ -1,8 +1,10 @@
 //! Virtio devices (block, net) behind the virtio-mmio transport.
 
 pub mod block;
+pub mod disk_log;
 pub mod mmio;
 pub mod net;
+pub mod output;
 pub mod tap;
 
 use serde::{Deserialize, Serialize};

@@ -4,11 +4,13 @@
 
 use std::io::ErrorKind;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::output::NetOutput;
 use super::tap::Tap;
 use super::{read_config_bytes, DeviceSnapshot, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
 use crate::memory::GuestMemory;
@@ -27,6 +29,7 @@ const QUEUE_SIZES: &[u16] = &[256, 256];
 /// A virtio network device.
 pub struct Net {
     tap: Tap,
+    output: Arc<NetOutput>,
     mac: [u8; 6],
     config: Vec<u8>,
     /// Signalled when the guest adds receive buffers, so the receive thread retries.
@@ -44,14 +47,21 @@ impl Net {
         config[6..8].copy_from_slice(&1u16.to_le_bytes()); // VIRTIO_NET_S_LINK_UP
         config[8..10].copy_from_slice(&1u16.to_le_bytes());
         let rx_kick = EventFd::new(libc::EFD_NONBLOCK)?;
+        let output = Arc::new(NetOutput::new(tap.try_clone_file()?));
         Ok(Self {
             tap,
+            output,
             mac,
             config,
             rx_kick,
             pending: None,
             frame: vec![0; NET_HDR_LEN + MAX_FRAME],
         })
+    }
+
+    /// The transmit side (for output commit).
+    pub fn output(&self) -> Arc<NetOutput> {
+        self.output.clone()
     }
 
     /// The file descriptors the receive thread waits on: the tap and the receive kick.
@@ -74,8 +84,7 @@ impl Net {
                 }
             }
             if packet.len() > NET_HDR_LEN {
-                // A full tap or a dropped frame is what a real NIC does; TCP retransmits.
-                let _ = self.tap.write_frame(&packet[NET_HDR_LEN..]);
+                self.output.transmit(&packet[NET_HDR_LEN..]);
             }
             let _ = queue.add_used(mem, head, 0);
             used = true;

@@ -82,6 +82,11 @@ impl Tap {
         self.file.read(buf)
     }
 
+    /// A second descriptor of the same tap (for writing from another thread).
+    pub fn try_clone_file(&self) -> io::Result<File> {
+        self.file.try_clone()
+    }
+
     /// Writes one frame.
     pub fn write_frame(&mut self, frame: &[u8]) -> io::Result<()> {
         self.file.write(frame).map(|_| ())

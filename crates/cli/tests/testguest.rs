@@ -1,0 +1,426 @@
+//! The monitor running ftvm's test guest for real: console, disk, network, snapshot/restore.
+//! Needs root and /dev/kvm (the suite's `.ci/run` runs as root).
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::json;
+use testbed::{can_run_vms, Monitor, Scratch, TapDevice};
+
+const BOOT: Duration = Duration::from_secs(20);
+
+fn require_kvm() -> bool {
+    if !can_run_vms() {
+        eprintln!("skipped: needs root and /dev/kvm");
+        return false;
+    }
+    assert!(
+        testbed::testguest_bin().exists(),
+        "build the test guest first: cargo build --workspace"
+    );
+    true
+}
+
+fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+/// Starts the test guest with `job`, extra args, console in `dir`.
+fn start(dir: &Scratch, name: &str, cmdline: &str, extra: &[String]) -> Monitor {
+    let console = dir.path(&format!("{name}.console"));
+    let sock = dir.path(&format!("{name}.sock"));
+    let mut args = s(&[
+        "vm",
+        "run",
+        "--image",
+        "testguest",
+        "--mem",
+        "128",
+        "--cmdline",
+        cmdline,
+    ]);
+    args.extend(s(&["--console", &format!("file:{}", console.display())]));
+    args.extend(s(&["--api-sock", &sock.display().to_string()]));
+    args.extend_from_slice(extra);
+    Monitor::spawn(&args, &console, Some(&sock)).expect("start monitor")
+}
+
+/// The numbers of all `counter N` lines, in order.
+fn counts(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("counter "))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
+fn wait_sock(p: &Path) {
+    for _ in 0..500 {
+        if p.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("API socket {} never appeared", p.display());
+}
+
+#[test]
+fn counter_continues_after_snapshot_and_restore_in_new_process() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = Scratch::new("snap").unwrap();
+    let mut vm = start(&dir, "a", "-- counter", &[]);
+    vm.wait_for("counter 30\n", BOOT).unwrap();
+    wait_sock(vm.api_sock.as_deref().unwrap());
+    vm.api("POST", "/pause", None).unwrap();
+    let before = vm.api("GET", "/memory-checksum", None).unwrap()["crc32"]
+        .as_u64()
+        .unwrap();
+    let snap = dir.path("counter.snap");
+    let info = vm
+        .api("POST", "/snapshot", Some(json!({ "path": snap })))
+        .unwrap();
+    assert!(info["bytes"].as_u64().unwrap() > 0);
+    // The snapshot leaves the VM paused as it was: no output after it.
+    let last_before = *counts(&vm.console_text()).last().unwrap();
+    vm.kill9();
+
+    let console_b = dir.path("b.console");
+    let sock_b = dir.path("b.sock");
+    let mut args = s(&[
+        "vm",
+        "restore",
+        "--snapshot",
+        &snap.display().to_string(),
+        "--paused",
+    ]);
+    args.extend(s(&["--console", &format!("file:{}", console_b.display())]));
+    args.extend(s(&["--api-sock", &sock_b.display().to_string()]));
+    let mut restored = Monitor::spawn(&args, &console_b, Some(&sock_b)).unwrap();
+    wait_sock(&sock_b);
+    let after = restored.api("GET", "/memory-checksum", None).unwrap()["crc32"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(before, after, "guest memory differs after restore");
+    restored.api("POST", "/resume", None).unwrap();
+    let target = format!("counter {}\n", last_before + 20);
+    let text = restored.wait_for(&target, BOOT).unwrap();
+    let seq = counts(&text);
+    assert_eq!(
+        seq[0],
+        last_before + 1,
+        "the count must continue from {last_before}, got {seq:?}"
+    );
+    assert!(
+        seq.windows(2).all(|w| w[1] == w[0] + 1),
+        "sequence not contiguous: {seq:?}"
+    );
+    restored.api("POST", "/shutdown", None).unwrap();
+    assert!(restored
+        .wait_exit(Duration::from_secs(10))
+        .unwrap()
+        .success());
+}
+
+#[test]
+fn guest_writes_pattern_the_host_reads_from_the_disk_file() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = Scratch::new("blk").unwrap();
+    let disk = dir.path("disk.img");
+    std::fs::write(&disk, vec![0u8; 4 << 20]).unwrap();
+    let mut vm = start(
+        &dir,
+        "blk",
+        "-- blk-pattern 2048",
+        &s(&["--disk", &disk.display().to_string()]),
+    );
+    vm.wait_for("blk-pattern ok sectors=2048", BOOT).unwrap();
+    vm.kill9();
+    let bytes = std::fs::read(&disk).unwrap();
+    for sector in 0..2048u64 {
+        for word in 0..64u64 {
+            let off = (sector * 512 + word * 8) as usize;
+            let got = u64::from_le_bytes(bytes[off..off + 8].try_into().unwrap());
+            let want = sector.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ word;
+            assert_eq!(got, want, "sector {sector} word {word}");
+        }
+    }
+    assert!(
+        bytes[2048 * 512..].iter().all(|&b| b == 0),
+        "bytes past the pattern were written"
+    );
+}
+
+#[test]
+fn read_only_disk_refuses_guest_writes() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = Scratch::new("ro").unwrap();
+    let disk = dir.path("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let mut vm = start(
+        &dir,
+        "ro",
+        "-- blk-pattern 64",
+        &s(&["--disk", &format!("{},readonly", disk.display())]),
+    );
+    vm.wait_for("blk-pattern", BOOT).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let text = vm.console_text();
+    assert!(
+        !text.contains("blk-pattern ok"),
+        "a read-only disk accepted writes:\n{text}"
+    );
+    vm.kill9();
+    assert!(std::fs::read(&disk).unwrap().iter().all(|&b| b == 0));
+}
+
+fn line_client(addr: &str) -> (TcpStream, BufReader<TcpStream>) {
+    let mut last = None;
+    for _ in 0..100 {
+        match TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_millis(500)) {
+            Ok(c) => {
+                c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let r = BufReader::new(c.try_clone().unwrap());
+                return (c, r);
+            }
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("cannot connect to {addr}: {last:?}");
+}
+
+fn ask(c: &mut TcpStream, r: &mut BufReader<TcpStream>, line: &str) -> String {
+    c.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut answer = String::new();
+    r.read_line(&mut answer).unwrap();
+    answer.trim_end().to_string()
+}
+
+#[test]
+fn tcp_echo_over_a_tap() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = Scratch::new("echo").unwrap();
+    let tap = TapDevice::new().unwrap();
+    let cmdline = format!("{} -- tcp-echo 7000", tap.guest_cmdline());
+    let mut vm = start(
+        &dir,
+        "echo",
+        &cmdline,
+        &s(&["--net", &format!("tap={}", tap.name)]),
+    );
+    vm.wait_for("job tcp-echo running", BOOT).unwrap();
+    let (mut c, mut r) = line_client(&format!("{}:7000", tap.guest_ip));
+    for i in 0..50 {
+        let msg = format!("hello {i} {}", "x".repeat(i * 20));
+        assert_eq!(ask(&mut c, &mut r, &msg), msg);
+    }
+    // Several connections at once.
+    let mut conns: Vec<_> = (0..4)
+        .map(|_| line_client(&format!("{}:7000", tap.guest_ip)))
+        .collect();
+    for (i, (c, r)) in conns.iter_mut().enumerate() {
+        assert_eq!(ask(c, r, &format!("conn {i}")), format!("conn {i}"));
+    }
+}
+
+#[test]
+fn kv_data_survives_snapshot_and_restore() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = Scratch::new("kv").unwrap();
+    let tap = TapDevice::new().unwrap();
+    let cmdline = format!("{} -- kv 7001", tap.guest_cmdline());
+    let net = format!("tap={}", tap.name);
+    let mut vm = start(&dir, "kv", &cmdline, &s(&["--net", &net]));
+    vm.wait_for("job kv running", BOOT).unwrap();
+    let addr = format!("{}:7001", tap.guest_ip);
+    {
+        let (mut c, mut r) = line_client(&addr);
+        assert_eq!(ask(&mut c, &mut r, "GET nothing"), "NOTFOUND");
+        for i in 0..100 {
+            assert_eq!(ask(&mut c, &mut r, &format!("SET key{i} value-{i}")), "OK");
+        }
+        assert!(ask(&mut c, &mut r, "BOGUS").starts_with("ERR"));
+    }
+    let snap = dir.path("kv.snap");
+    vm.api("POST", "/snapshot", Some(json!({ "path": snap })))
+        .unwrap();
+    vm.kill9();
+
+    let console_b = dir.path("kv-b.console");
+    let mut args = s(&[
+        "vm",
+        "restore",
+        "--snapshot",
+        &snap.display().to_string(),
+        "--net",
+        &net,
+    ]);
+    args.extend(s(&["--console", &format!("file:{}", console_b.display())]));
+    let _restored = Monitor::spawn(&args, &console_b, None).unwrap();
+    let (mut c, mut r) = line_client(&addr);
+    for i in 0..100 {
+        assert_eq!(
+            ask(&mut c, &mut r, &format!("GET key{i}")),
+            format!("VALUE value-{i}")
+        );
+    }
+}
+
+/// Runs `ftvm args` expecting failure: exactly one error line, non-zero status.
+fn expect_one_line_error(args: &[String], needle: &str) {
+    let out = std::process::Command::new(testbed::ftvm_bin())
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "ftvm {args:?} succeeded");
+    assert_eq!(
+        err.lines().count(),
+        1,
+        "expected one error line, got:\n{err}"
+    );
+    assert!(err.starts_with("ftvm: error: "), "{err}");
+    assert!(
+        err.contains(needle),
+        "error {err:?} does not mention {needle:?}"
+    );
+}
+
+#[test]
+fn bad_input_gives_one_clear_error_and_writes_nothing() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = Scratch::new("bad").unwrap();
+    let console = dir.path("console");
+    let con = format!("file:{}", console.display());
+    let tg = testbed::testguest_bin().display().to_string();
+    expect_one_line_error(
+        &s(&[
+            "vm",
+            "run",
+            "--kernel",
+            "/nonexistent/vmlinuz",
+            "--console",
+            &con,
+        ]),
+        "check --kernel",
+    );
+    let disk_dir = dir.path("a-directory");
+    std::fs::create_dir(&disk_dir).unwrap();
+    expect_one_line_error(
+        &s(&[
+            "vm",
+            "run",
+            "--kernel",
+            &tg,
+            "--disk",
+            &disk_dir.display().to_string(),
+            "--console",
+            &con,
+        ]),
+        "disk",
+    );
+    expect_one_line_error(
+        &s(&[
+            "vm",
+            "run",
+            "--kernel",
+            &tg,
+            "--disk",
+            "/nonexistent.img",
+            "--console",
+            &con,
+        ]),
+        "/nonexistent.img",
+    );
+    expect_one_line_error(
+        &s(&[
+            "vm",
+            "run",
+            "--kernel",
+            &tg,
+            "--net",
+            "tap=ftvmnosuch0",
+            "--console",
+            &con,
+        ]),
+        "ip tuntap add",
+    );
+    expect_one_line_error(
+        &s(&[
+            "vm",
+            "run",
+            "--kernel",
+            &tg,
+            "--vcpus",
+            "0",
+            "--console",
+            &con,
+        ]),
+        "--vcpus 0",
+    );
+    expect_one_line_error(
+        &s(&[
+            "vm",
+            "run",
+            "--kernel",
+            &tg,
+            "--mem",
+            "100000000",
+            "--console",
+            &con,
+        ]),
+        "--mem",
+    );
+    assert!(!console.exists(), "a failed start created the console file");
+
+    // A good snapshot, then damaged copies of it.
+    let mut vm = start(&dir, "src", "-- counter", &[]);
+    vm.wait_for("counter 3\n", BOOT).unwrap();
+    let snap = dir.path("good.snap");
+    vm.api("POST", "/snapshot", Some(json!({ "path": snap })))
+        .unwrap();
+    vm.kill9();
+    let good = std::fs::read(&snap).unwrap();
+    let truncated = dir.path("truncated.snap");
+    std::fs::write(&truncated, &good[..good.len() / 2]).unwrap();
+    let corrupt = dir.path("corrupt.snap");
+    let mut bad = good.clone();
+    let mid = bad.len() * 3 / 4;
+    bad[mid] ^= 0x55;
+    std::fs::write(&corrupt, &bad).unwrap();
+    for (file, what) in [(&truncated, "truncated"), (&corrupt, "corrupted")] {
+        expect_one_line_error(
+            &s(&[
+                "vm",
+                "restore",
+                "--snapshot",
+                &file.display().to_string(),
+                "--console",
+                &con,
+            ]),
+            what,
+        );
+    }
+    assert!(
+        !console.exists(),
+        "a failed restore created the console file"
+    );
+    assert_eq!(
+        std::fs::read(&snap).unwrap(),
+        good,
+        "restore attempts must not modify snapshots"
+    );
+}

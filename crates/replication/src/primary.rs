@@ -1,0 +1,412 @@
+//! The primary's engine: connects to the backup, copies memory while the guest runs, then
+//! checkpoints continuously. `Primary::checkpoint` is the whole per-checkpoint path:
+//! pause → dirty log → copy → resume → send → ack → release output.
+
+use std::io::{BufReader, BufWriter};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmm::Vm;
+
+use crate::pages::{PageBatch, Staging};
+use crate::protocol::{self, Ack, Checkpoint, Hello};
+use crate::status::{FtState, FtStatus};
+use crate::wire::{self, Channel, Kind};
+use crate::Error;
+
+/// FT settings of a protected VM.
+#[derive(Debug, Clone)]
+pub struct FtOptions {
+    /// The backup's A-link address.
+    pub peer: SocketAddr,
+    /// The cluster secret (HMAC key material).
+    pub secret: Vec<u8>,
+    /// Shortest checkpoint interval.
+    pub min_interval: Duration,
+    /// Longest checkpoint interval.
+    pub max_interval: Duration,
+    /// How long the primary waits for an acknowledgement before declaring the backup lost;
+    /// also the backup's failover timeout.
+    pub timeout: Duration,
+    /// How long to keep trying to reach the backup at start.
+    pub connect_timeout: Duration,
+}
+
+impl FtOptions {
+    /// Defaults: 2–20 ms interval, 100 ms timeout.
+    pub fn new(peer: SocketAddr, secret: Vec<u8>) -> Self {
+        Self {
+            peer,
+            secret,
+            min_interval: Duration::from_millis(2),
+            max_interval: Duration::from_millis(20),
+            timeout: Duration::from_millis(100),
+            connect_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Pages per pre-copy frame.
+const PRECOPY_BATCH: usize = 4096;
+/// Pre-copy stops iterating when fewer pages than this are dirty.
+const PRECOPY_DONE_PAGES: usize = 4096;
+/// Most pre-copy rounds after the full copy.
+const PRECOPY_ROUNDS: usize = 8;
+
+/// Starts protecting `vm` (already running or about to run) on a new thread.
+///
+/// Call before `vm.start()`: disk writes are recorded from the first guest instruction, so the
+/// backup's disks (copies of the primary's at start) stay in step.
+pub fn start_primary(
+    vm: Arc<Vm>,
+    opts: FtOptions,
+    status: Arc<FtStatus>,
+) -> std::io::Result<JoinHandle<()>> {
+    for log in vm.disk_logs() {
+        log.enable();
+    }
+    std::thread::Builder::new()
+        .name("ft-primary".into())
+        .spawn(move || {
+            let mut p = Primary {
+                vm,
+                opts,
+                status,
+                staging: Staging::default(),
+                tx: Channel::new(),
+                rx: Channel::new(),
+                in_flight: Vec::new(),
+            };
+            match p.run() {
+                Ok(()) => {}
+                Err(e) => p.degrade(&e.to_string()),
+            }
+        })
+}
+
+struct Primary {
+    vm: Arc<Vm>,
+    opts: FtOptions,
+    status: Arc<FtStatus>,
+    staging: Staging,
+    tx: Channel,
+    rx: Channel,
+    /// Output of the checkpoint awaiting its acknowledgement, per network interface.
+    in_flight: Vec<Vec<Vec<u8>>>,
+}
+
+struct Link {
+    w: BufWriter<TcpStream>,
+    r: BufReader<TcpStream>,
+}
+
+impl Primary {
+    fn run(&mut self) -> Result<(), Error> {
+        self.status.set_state(
+            FtState::Syncing,
+            format!("connecting to {}", self.opts.peer),
+        );
+        let mut link = self.connect()?;
+        self.handshake(&mut link)?;
+        self.status.set_state(FtState::Syncing, "copying memory");
+        self.precopy(&mut link)?;
+
+        // The first checkpoint is the final stop of the initial sync; from here output is held.
+        let mut epoch = 1;
+        let mut last = Instant::now();
+        let mut window = (Instant::now(), 0u64);
+        loop {
+            let stats = self.checkpoint(&mut link, epoch)?;
+            if epoch == 1 {
+                self.status
+                    .set_state(FtState::Protected, "first checkpoint acknowledged");
+            }
+            // Adaptive interval: keep checkpoint work to about a quarter of the time, within bounds.
+            let interval = (stats.busy * 4).clamp(self.opts.min_interval, self.opts.max_interval);
+            window.1 += 1;
+            let rate = if window.0.elapsed() >= Duration::from_secs(1) {
+                let r = window.1 as f64 / window.0.elapsed().as_secs_f64();
+                window = (Instant::now(), 0);
+                Some(r)
+            } else {
+                None
+            };
+            self.status.update(|s| {
+                s.epoch = epoch;
+                s.checkpoints += 1;
+                s.last_pause_us = stats.pause.as_micros() as u64;
+                s.last_pages = stats.pages as u64;
+                s.last_bytes = stats.bytes as u64;
+                if let Some(r) = rate {
+                    s.checkpoints_per_s = r;
+                }
+            });
+            epoch += 1;
+            self.wait_next(last, interval);
+            last = Instant::now();
+            if self.vm.wait_exit(Duration::ZERO).is_some() {
+                let _ = self.tx.send(&mut link.w, Kind::Bye, &[]);
+                self.status.set_state(FtState::Stopped, "the guest stopped");
+                self.release_all();
+                return Ok(());
+            }
+        }
+    }
+
+    /// The per-checkpoint path.
+    fn checkpoint(&mut self, link: &mut Link, epoch: u64) -> Result<EpochStats, Error> {
+        let t0 = Instant::now();
+        // 1. pause
+        self.vm.pause()?;
+        // 2. dirty log: pages written by vCPUs and by the monitor since the last checkpoint
+        let dirty = self.vm.take_dirty_pages();
+        // 3. copy pages, vCPU/device state, the epoch's disk writes and network output
+        let copied = dirty.and_then(|d| {
+            self.staging
+                .copy(self.vm.memory(), &d)
+                .map_err(|e| vmm::Error::State(e.to_string()))?;
+            self.vm.save_state()
+        });
+        let disk_writes: Vec<_> = self.vm.disk_logs().iter().map(|l| l.seal()).collect();
+        self.in_flight = self.vm.net_outputs().iter().map(|o| o.seal()).collect();
+        if epoch == 1 {
+            for o in self.vm.net_outputs() {
+                o.hold();
+            }
+        }
+        // 4. resume at once; the network is not waited for with the guest stopped
+        self.vm.resume()?;
+        let pause = t0.elapsed();
+        let state = copied?;
+
+        // 5. send
+        let msg = Checkpoint {
+            epoch,
+            pages: self.staging.to_batch(),
+            state,
+            disk_writes,
+        };
+        let payload = protocol::encode(&msg)?;
+        self.tx.send(&mut link.w, Kind::Checkpoint, &payload)?;
+
+        // 6. ack
+        let frame = self.rx.recv(&mut link.r)?;
+        if frame.kind != Kind::Ack {
+            return Err(Error::Protocol(format!(
+                "expected Ack, got {:?}",
+                frame.kind
+            )));
+        }
+        let ack: Ack = protocol::decode(&frame.payload)?;
+        if ack.epoch != epoch {
+            return Err(Error::Protocol(format!(
+                "ack for epoch {} while {epoch} is outstanding",
+                ack.epoch
+            )));
+        }
+
+        // 7. release the output the checkpoint covers
+        for (o, frames) in self
+            .vm
+            .net_outputs()
+            .iter()
+            .zip(std::mem::take(&mut self.in_flight))
+        {
+            o.release(frames);
+        }
+        Ok(EpochStats {
+            pause,
+            busy: t0.elapsed(),
+            pages: self.staging.len(),
+            bytes: payload.len(),
+        })
+    }
+
+    /// Sleeps until the next checkpoint is due: after `interval`, or sooner (but not before the
+    /// minimum interval) when the guest has output waiting.
+    fn wait_next(&self, last: Instant, interval: Duration) {
+        let min_due = last + self.opts.min_interval;
+        let due = last + interval;
+        let outputs = self.vm.net_outputs();
+        loop {
+            let now = Instant::now();
+            if now >= due {
+                return;
+            }
+            if now >= min_due && outputs.iter().any(|o| o.has_pending()) {
+                return;
+            }
+            let until = if now < min_due { min_due } else { due };
+            match outputs.first() {
+                Some(o) if now >= min_due => {
+                    o.wait_pending(until - now);
+                }
+                _ => std::thread::sleep(until - now),
+            }
+        }
+    }
+
+    fn connect(&self) -> Result<Link, Error> {
+        let t0 = Instant::now();
+        let stream = loop {
+            match TcpStream::connect_timeout(&self.opts.peer, Duration::from_millis(500)) {
+                Ok(s) => break s,
+                Err(e) if t0.elapsed() < self.opts.connect_timeout => {
+                    tracing::debug!("backup {} not reachable yet: {e}", self.opts.peer);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => {
+                    return Err(Error::Io(format!(
+                        "cannot reach the backup at {}: {e}",
+                        self.opts.peer
+                    )))
+                }
+            }
+        };
+        stream
+            .set_nodelay(true)
+            .map_err(|e| Error::Io(e.to_string()))?;
+        stream
+            .set_read_timeout(Some(self.opts.timeout))
+            .map_err(|e| Error::Io(e.to_string()))?;
+        let r = BufReader::with_capacity(
+            1 << 16,
+            stream.try_clone().map_err(|e| Error::Io(e.to_string()))?,
+        );
+        Ok(Link {
+            w: BufWriter::with_capacity(1 << 20, stream),
+            r,
+        })
+    }
+
+    fn handshake(&mut self, link: &mut Link) -> Result<(), Error> {
+        // The backup may take a while to build its standby VM: allow for it.
+        link.r
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(|e| Error::Io(e.to_string()))?;
+        let challenge = self.rx.recv(&mut link.r)?;
+        let backup_nonce: [u8; 16] = challenge
+            .payload
+            .as_slice()
+            .try_into()
+            .map_err(|_| Error::Protocol("bad challenge".into()))?;
+        let our_nonce = wire::nonce().map_err(|e| Error::Io(e.to_string()))?;
+        self.tx.send(&mut link.w, Kind::Challenge, &our_nonce)?;
+        let key = wire::session_key(&self.opts.secret, &backup_nonce, &our_nonce);
+        self.tx.set_key(key);
+        self.rx.set_key(key);
+        let hello = Hello {
+            config: self.vm.config().clone(),
+            kind: self.vm.kind(),
+        };
+        self.tx
+            .send(&mut link.w, Kind::Hello, &protocol::encode(&hello)?)?;
+        let ready = self.rx.recv(&mut link.r)?;
+        if ready.kind != Kind::Ready {
+            return Err(Error::Protocol(format!(
+                "expected Ready, got {:?}",
+                ready.kind
+            )));
+        }
+        link.r
+            .get_ref()
+            .set_read_timeout(Some(self.opts.timeout))
+            .map_err(|e| Error::Io(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Iterative pre-copy: all memory, then what was dirtied meanwhile, while the guest runs.
+    fn precopy(&mut self, link: &mut Link) -> Result<(), Error> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        self.vm.take_dirty_pages()?;
+        let mut all = Vec::new();
+        for region in self.vm.memory().iter() {
+            let base = region.start_addr().0;
+            all.extend(
+                (0..region.len() / vmm::layout::PAGE_SIZE)
+                    .map(|p| base + p * vmm::layout::PAGE_SIZE),
+            );
+        }
+        self.send_pages(link, &all, true)?;
+        for _ in 0..PRECOPY_ROUNDS {
+            let dirty = self.vm.take_dirty_pages()?;
+            let pages: Vec<u64> = dirty.iter().collect();
+            if pages.len() < PRECOPY_DONE_PAGES {
+                // Few enough: send them and let the first checkpoint carry the rest.
+                self.send_pages(link, &pages, false)?;
+                break;
+            }
+            self.send_pages(link, &pages, false)?;
+        }
+        Ok(())
+    }
+
+    fn send_pages(&mut self, link: &mut Link, addrs: &[u64], skip_zero: bool) -> Result<(), Error> {
+        use vm_memory::{Bytes, GuestAddress};
+        let page = vmm::layout::PAGE_SIZE as usize;
+        let mut last_sent = Instant::now();
+        for chunk in addrs.chunks(PRECOPY_BATCH) {
+            let mut keep = Vec::with_capacity(chunk.len());
+            let mut data = Vec::with_capacity(chunk.len() * page);
+            let mut buf = vec![0u8; page];
+            for &a in chunk {
+                self.vm
+                    .memory()
+                    .read_slice(&mut buf, GuestAddress(a))
+                    .map_err(|e| Error::Io(format!("cannot read guest page {a:#x}: {e}")))?;
+                if skip_zero && buf.iter().all(|&b| b == 0) {
+                    continue; // the standby's memory starts zeroed
+                }
+                keep.push(a);
+                data.extend_from_slice(&buf);
+            }
+            if keep.is_empty() {
+                // Long runs of zero pages send nothing: keep the backup from timing out.
+                if last_sent.elapsed() > self.opts.timeout / 4 {
+                    self.tx.send(&mut link.w, Kind::Heartbeat, &[])?;
+                    last_sent = Instant::now();
+                }
+                continue;
+            }
+            let batch = PageBatch::compress(keep, &data);
+            self.tx
+                .send(&mut link.w, Kind::Pages, &protocol::encode(&batch)?)?;
+            last_sent = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Lost the backup: run unprotected, let held output go, never stall the guest.
+    fn degrade(&mut self, why: &str) {
+        tracing::warn!("FT degraded: {why}");
+        self.release_all();
+        self.status.set_state(FtState::Degraded, why.to_string());
+    }
+
+    fn release_all(&mut self) {
+        for (o, frames) in self
+            .vm
+            .net_outputs()
+            .iter()
+            .zip(std::mem::take(&mut self.in_flight))
+        {
+            o.release(frames);
+        }
+        for o in self.vm.net_outputs() {
+            o.pass_through();
+        }
+        for l in self.vm.disk_logs() {
+            l.disable();
+        }
+    }
+}
+
+struct EpochStats {
+    pause: Duration,
+    busy: Duration,
+    pages: usize,
+    bytes: usize,
+}

@@ -1,0 +1,48 @@
+//! Payloads of the A-link frames (postcard-encoded).
+
+use serde::{Deserialize, Serialize};
+use vmm::boot::KernelKind;
+use vmm::devices::virtio::disk_log::DiskWrite;
+use vmm::{VmConfig, VmState};
+
+use crate::pages::PageBatch;
+use crate::Error;
+
+/// Primary → backup after the key exchange: the VM to stand by for.
+#[derive(Serialize, Deserialize)]
+pub struct Hello {
+    /// The primary's VM configuration (the backup substitutes its own disks, taps, console).
+    pub config: VmConfig,
+    /// Which kernel kind runs.
+    pub kind: KernelKind,
+}
+
+/// One complete checkpoint: everything the backup needs to resume the guest at its epoch.
+#[derive(Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Epoch number, from 1, consecutive.
+    pub epoch: u64,
+    /// Pages written since the previous checkpoint.
+    pub pages: PageBatch,
+    /// vCPU and device state at the epoch boundary.
+    pub state: VmState,
+    /// Guest disk writes of the epoch, per disk.
+    pub disk_writes: Vec<Vec<DiskWrite>>,
+}
+
+/// Backup → primary: checkpoint `epoch` is committed.
+#[derive(Serialize, Deserialize)]
+pub struct Ack {
+    /// The committed epoch.
+    pub epoch: u64,
+}
+
+/// Encodes a payload.
+pub fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, Error> {
+    postcard::to_allocvec(v).map_err(|e| Error::Protocol(format!("encode: {e}")))
+}
+
+/// Decodes a payload.
+pub fn decode<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T, Error> {
+    postcard::from_bytes(b).map_err(|e| Error::Protocol(format!("undecodable payload: {e}")))
+}

@@ -1,0 +1,69 @@
+//! Building blocks for tests and benchmarks that drive real monitors: locating the binaries,
+//! tap devices that clean up after themselves, and monitor processes with their consoles.
+
+pub mod monitor;
+pub mod tap;
+
+use std::path::PathBuf;
+
+pub use monitor::Monitor;
+pub use tap::TapDevice;
+
+/// The directory holding the workspace's built binaries (`ftvm`, `testguest`).
+pub fn bin_dir() -> PathBuf {
+    // Test executables live in target/<profile>/deps; binaries one level up.
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// Path of the `ftvm` binary (from Cargo when testing the cli crate, else next to the tests).
+pub fn ftvm_bin() -> PathBuf {
+    std::env::var_os("FTVM_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| bin_dir().join("ftvm"))
+}
+
+/// Path of the test guest ELF.
+pub fn testguest_bin() -> PathBuf {
+    bin_dir().join("testguest")
+}
+
+/// Whether this process may use KVM and create taps (root with /dev/kvm).
+pub fn can_run_vms() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    root && std::path::Path::new("/dev/kvm").exists()
+}
+
+/// A unique scratch directory under the system temp dir, removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    /// Creates `/tmp/ftvm-test-<tag>-<pid>-<n>`.
+    pub fn new(tag: &str) -> anyhow::Result<Self> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "ftvm-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self(dir))
+    }
+
+    /// A path inside the directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

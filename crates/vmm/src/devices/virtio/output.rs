@@ -1,0 +1,96 @@
+//! Output commit for FT: the guest's transmitted frames can be held back per checkpoint epoch
+//! and released only when the checkpoint covering them is acknowledged by the backup.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use crate::devices::lock;
+
+struct Gate {
+    holding: bool,
+    current: Vec<Vec<u8>>,
+}
+
+/// The transmit side of a network device: straight to the tap, or held for output commit.
+pub struct NetOutput {
+    tap: Mutex<File>,
+    gate: Mutex<Gate>,
+    held: Condvar,
+}
+
+impl NetOutput {
+    /// Output written to `tap` (a duplicate of the device's tap descriptor).
+    pub fn new(tap: File) -> Self {
+        Self {
+            tap: Mutex::new(tap),
+            gate: Mutex::new(Gate {
+                holding: false,
+                current: Vec::new(),
+            }),
+            held: Condvar::new(),
+        }
+    }
+
+    /// Sends `frame` now, or holds it if output commit is on.
+    pub fn transmit(&self, frame: &[u8]) {
+        let mut g = lock(&self.gate);
+        if g.holding {
+            g.current.push(frame.to_vec());
+            self.held.notify_all();
+        } else {
+            drop(g);
+            // A full tap drops the frame, as a NIC would; TCP retransmits.
+            let _ = lock(&self.tap).write(frame);
+        }
+    }
+
+    /// Starts holding output (FT protected).
+    pub fn hold(&self) {
+        lock(&self.gate).holding = true;
+    }
+
+    /// Stops holding: everything held so far is sent now (FT degraded or off).
+    pub fn pass_through(&self) {
+        let frames = {
+            let mut g = lock(&self.gate);
+            g.holding = false;
+            std::mem::take(&mut g.current)
+        };
+        self.release(frames);
+    }
+
+    /// Whether frames are waiting for the next checkpoint.
+    pub fn has_pending(&self) -> bool {
+        !lock(&self.gate).current.is_empty()
+    }
+
+    /// Waits up to `timeout` for held frames; returns whether some are waiting.
+    pub fn wait_pending(&self, timeout: Duration) -> bool {
+        let g = lock(&self.gate);
+        let (g, _) = self
+            .held
+            .wait_timeout_while(g, timeout, |g| g.current.is_empty())
+            .unwrap_or_else(|p| p.into_inner());
+        !g.current.is_empty()
+    }
+
+    /// Takes the frames of the epoch that ends now (call while the VM is paused).
+    pub fn seal(&self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut lock(&self.gate).current)
+    }
+
+    /// Sends frames of an acknowledged epoch.
+    pub fn release(&self, frames: Vec<Vec<u8>>) {
+        let mut tap = lock(&self.tap);
+        for f in frames {
+            let _ = tap.write(&f);
+        }
+    }
+
+    /// Writes a frame directly (e.g. a RARP announcement after failover).
+    pub fn inject(&self, frame: &[u8]) {
+        let _ = lock(&self.tap).write(frame);
+    }
+}
