@@ -16,7 +16,7 @@ use vmm::{ConsoleConfig, DiskConfig, ExitReason, NetConfig, Vm, VmConfig};
 #[derive(Subcommand)]
 pub enum VmCommand {
     /// Boot a VM and run it until it powers off.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Resume a VM from a snapshot file in this new process.
     Restore(RestoreArgs),
     /// Show a running VM's status.
@@ -156,7 +156,7 @@ pub struct RestoreArgs {
 /// Runs one `ftvm vm` subcommand; returns the process exit status.
 pub fn run(cmd: VmCommand) -> anyhow::Result<i32> {
     match cmd {
-        VmCommand::Run(args) => run_vm(args),
+        VmCommand::Run(args) => run_vm(*args),
         VmCommand::Restore(args) => restore_vm(args),
         VmCommand::Backup(args) => backup_vm(args),
         VmCommand::Status(s) => print_answer(api::request(&s.api_sock, "GET", "/status", None)?),

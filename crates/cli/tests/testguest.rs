@@ -71,7 +71,8 @@ fn counter_continues_after_snapshot_and_restore_in_new_process() {
         return;
     }
     let dir = Scratch::new("snap").unwrap();
-    let mut vm = start(&dir, "a", "-- counter", &[]);
+    // Two vCPUs: the second waits for a SIPI that never comes; its state must survive too.
+    let mut vm = start(&dir, "a", "-- counter", &s(&["--vcpus", "2"]));
     vm.wait_for("counter 30\n", BOOT).unwrap();
     wait_sock(vm.api_sock.as_deref().unwrap());
     vm.api("POST", "/pause", None).unwrap();

@@ -12,7 +12,7 @@ use vmm::Vm;
 
 use crate::pages::{PageBatch, Staging};
 use crate::protocol::{self, Ack, Checkpoint, Hello};
-use crate::status::{FtState, FtStatus};
+use crate::status::{FtState, FtStatus, PausePhases};
 use crate::wire::{self, Channel, Kind};
 use crate::Error;
 
@@ -115,7 +115,7 @@ impl Primary {
 
         // The first checkpoint is the final stop of the initial sync; from here output is held.
         let mut epoch = 1;
-        let mut last = Instant::now();
+        let mut due = Instant::now();
         let mut window = (Instant::now(), 0u64);
         loop {
             let stats = self.checkpoint(&mut link, epoch)?;
@@ -124,7 +124,11 @@ impl Primary {
                     .set_state(FtState::Protected, "first checkpoint acknowledged");
             }
             // Adaptive interval: keep checkpoint work to about a quarter of the time, within bounds.
-            let interval = (stats.busy * 4).clamp(self.opts.min_interval, self.opts.max_interval);
+            // Adaptive interval: the pause at most ~10% of the guest's time and the A-link busy at
+            // most half of it, within the configured bounds; output waiting cuts it short below.
+            let interval = (stats.pause * 10)
+                .max(stats.busy * 2)
+                .clamp(self.opts.min_interval, self.opts.max_interval);
             window.1 += 1;
             let rate = if window.0.elapsed() >= Duration::from_secs(1) {
                 let r = window.1 as f64 / window.0.elapsed().as_secs_f64();
@@ -137,6 +141,8 @@ impl Primary {
                 s.epoch = epoch;
                 s.checkpoints += 1;
                 s.last_pause_us = stats.pause.as_micros() as u64;
+                s.last_phases = stats.phases;
+                s.record_pause(stats.pause.as_micros() as u32);
                 s.last_pages = stats.pages as u64;
                 s.last_bytes = stats.bytes as u64;
                 if let Some(r) = rate {
@@ -144,8 +150,15 @@ impl Primary {
                 }
             });
             epoch += 1;
-            self.wait_next(last, interval);
-            last = Instant::now();
+            // Due times follow a grid, so wake-up jitter does not lower the rate; after a long
+            // checkpoint the grid restarts instead of catching up in a burst.
+            let started = due;
+            due += interval;
+            let now = Instant::now();
+            if due + interval < now {
+                due = now;
+            }
+            self.wait_next(started, due);
             if self.vm.wait_exit(Duration::ZERO).is_some() {
                 let _ = self.tx.send(&mut link.w, Kind::Bye, &[]);
                 self.status.set_state(FtState::Stopped, "the guest stopped");
@@ -158,17 +171,20 @@ impl Primary {
     /// The per-checkpoint path.
     fn checkpoint(&mut self, link: &mut Link, epoch: u64) -> Result<EpochStats, Error> {
         let t0 = Instant::now();
-        // 1. pause
-        self.vm.pause()?;
+        // 1. pause (each vCPU saves its registers on the way out)
+        self.vm.pause_and_capture()?;
+        let t_stopped = Instant::now();
         // 2. dirty log: pages written by vCPUs and by the monitor since the last checkpoint
         let dirty = self.vm.take_dirty_pages();
+        let t_dirty = Instant::now();
         // 3. copy pages, vCPU/device state, the epoch's disk writes and network output
         let copied = dirty.and_then(|d| {
             self.staging
                 .copy(self.vm.memory(), &d)
-                .map_err(|e| vmm::Error::State(e.to_string()))?;
-            self.vm.save_state()
+                .map_err(|e| vmm::Error::State(e.to_string()))
         });
+        let t_copied = Instant::now();
+        let copied = copied.and_then(|()| self.vm.save_state());
         let disk_writes: Vec<_> = self.vm.disk_logs().iter().map(|l| l.seal()).collect();
         self.in_flight = self.vm.net_outputs().iter().map(|o| o.seal()).collect();
         if epoch == 1 {
@@ -176,9 +192,18 @@ impl Primary {
                 o.hold();
             }
         }
+        let t_state = Instant::now();
         // 4. resume at once; the network is not waited for with the guest stopped
         self.vm.resume()?;
         let pause = t0.elapsed();
+        let us = |a: Instant, b: Instant| (b - a).as_micros() as u32;
+        let phases = PausePhases {
+            stop_us: us(t0, t_stopped),
+            dirty_log_us: us(t_stopped, t_dirty),
+            copy_us: us(t_dirty, t_copied),
+            state_us: us(t_copied, t_state),
+            resume_us: us(t_state, Instant::now()),
+        };
         let state = copied?;
 
         // 5. send
@@ -218,17 +243,17 @@ impl Primary {
         }
         Ok(EpochStats {
             pause,
+            phases,
             busy: t0.elapsed(),
             pages: self.staging.len(),
             bytes: payload.len(),
         })
     }
 
-    /// Sleeps until the next checkpoint is due: after `interval`, or sooner (but not before the
-    /// minimum interval) when the guest has output waiting.
-    fn wait_next(&self, last: Instant, interval: Duration) {
+    /// Sleeps until the next checkpoint is `due`, or sooner (but not before the minimum interval
+    /// after `last`) when the guest has output waiting.
+    fn wait_next(&self, last: Instant, due: Instant) {
         let min_due = last + self.opts.min_interval;
-        let due = last + interval;
         let outputs = self.vm.net_outputs();
         loop {
             let now = Instant::now();
@@ -406,6 +431,7 @@ impl Primary {
 
 struct EpochStats {
     pause: Duration,
+    phases: PausePhases,
     busy: Duration,
     pages: usize,
     bytes: usize,

@@ -20,6 +20,24 @@ pub enum FtState {
     Stopped,
 }
 
+/// Where the time of one checkpoint pause went, µs.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct PausePhases {
+    /// Stopping the vCPUs and device threads.
+    pub stop_us: u32,
+    /// Collecting the dirty set.
+    pub dirty_log_us: u32,
+    /// Copying dirty pages.
+    pub copy_us: u32,
+    /// Saving vCPU and device state, sealing disk writes and output.
+    pub state_us: u32,
+    /// Resuming.
+    pub resume_us: u32,
+}
+
+/// Pauses kept for percentiles.
+const PAUSE_WINDOW: usize = 2048;
+
 /// Figures and state of an FT engine.
 #[derive(Debug, Clone, Serialize)]
 pub struct FtSnapshot {
@@ -39,10 +57,45 @@ pub struct FtSnapshot {
     pub last_pages: u64,
     /// Bytes of the last checkpoint frame.
     pub last_bytes: u64,
+    /// Phases of the last pause.
+    pub last_phases: PausePhases,
+    /// Median pause over the recent window, µs.
+    pub pause_p50_us: u32,
+    /// 99th-percentile pause over the recent window, µs.
+    pub pause_p99_us: u32,
+    #[serde(skip)]
+    recent_pauses: Vec<u32>,
+    #[serde(skip)]
+    recent_next: usize,
     /// Frames refused (bad checksum, authentication, sequence).
     pub rejected_frames: u64,
     /// Why the state last changed.
     pub reason: String,
+}
+
+impl FtSnapshot {
+    /// Adds a pause to the window and refreshes the percentiles (every 64 pauses).
+    pub fn record_pause(&mut self, us: u32) {
+        if self.recent_pauses.len() < PAUSE_WINDOW {
+            self.recent_pauses.push(us);
+        } else {
+            self.recent_pauses[self.recent_next] = us;
+        }
+        self.recent_next = (self.recent_next + 1) % PAUSE_WINDOW;
+        if self.recent_next.is_multiple_of(64) || self.recent_pauses.len() < 64 {
+            let mut v = self.recent_pauses.clone();
+            v.sort_unstable();
+            let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+            self.pause_p50_us = at(0.5);
+            self.pause_p99_us = at(0.99);
+        }
+    }
+
+    /// Forgets the pause window (e.g. between benchmark phases).
+    pub fn reset_pauses(&mut self) {
+        self.recent_pauses.clear();
+        self.recent_next = 0;
+    }
 }
 
 /// Thread-safe FT status.
@@ -60,6 +113,11 @@ impl FtStatus {
             last_pause_us: 0,
             last_pages: 0,
             last_bytes: 0,
+            last_phases: PausePhases::default(),
+            pause_p50_us: 0,
+            pause_p99_us: 0,
+            recent_pauses: Vec::new(),
+            recent_next: 0,
             rejected_frames: 0,
             reason: String::new(),
         }))

@@ -102,6 +102,8 @@ pub struct Vm {
     stop_evt: EventFd,
     exit_status: Arc<Mutex<Option<i32>>>,
     paused: AtomicBool,
+    /// vCPU states captured by the last pause (consumed by `save_state`).
+    captured: Mutex<Option<Vec<VcpuState>>>,
     control: Mutex<()>,
     started: Instant,
 }
@@ -382,6 +384,7 @@ impl Vm {
 
         let shared = Arc::new(VcpuShared {
             pause: AtomicBool::new(false),
+            capture_on_pause: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             exit,
             io_bus,
@@ -411,6 +414,7 @@ impl Vm {
             stop_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Kvm(e.to_string()))?,
             exit_status,
             paused: AtomicBool::new(false),
+            captured: Mutex::new(None),
             control: Mutex::new(()),
             started: Instant::now(),
         })
@@ -467,7 +471,7 @@ impl Vm {
         self.start()?;
         for h in lock(&self.vcpus).iter() {
             match h.responses.recv_timeout(Duration::from_secs(5)) {
-                Ok(VcpuResponse::Paused) => {}
+                Ok(VcpuResponse::Paused(_)) => {}
                 _ => return Err(Error::Kvm(format!("vCPU {} did not pause", h.index))),
             }
         }
@@ -479,23 +483,41 @@ impl Vm {
     /// Returns how long the stop took.
     pub fn pause(&self) -> Result<Duration, Error> {
         let _g = lock(&self.control);
-        self.pause_locked()
+        self.pause_locked(false)
     }
 
-    fn pause_locked(&self) -> Result<Duration, Error> {
+    /// Pauses and has every vCPU save its state on the way (the next `save_state` uses it):
+    /// the fast path of a checkpoint.
+    pub fn pause_and_capture(&self) -> Result<Duration, Error> {
+        let _g = lock(&self.control);
+        self.pause_locked(true)
+    }
+
+    fn pause_locked(&self, capture: bool) -> Result<Duration, Error> {
         let t0 = Instant::now();
         if self.paused.load(Ordering::Acquire) {
             return Ok(Duration::ZERO);
         }
+        self.shared
+            .capture_on_pause
+            .store(capture, Ordering::Release);
         self.shared.pause.store(true, Ordering::Release);
         let handles = lock(&self.vcpus);
         for h in handles.iter() {
             kick(&h.thread);
         }
+        let mut states = Vec::new();
         for h in handles.iter() {
             loop {
                 match h.responses.recv_timeout(Duration::from_millis(100)) {
-                    Ok(VcpuResponse::Paused) => break,
+                    Ok(VcpuResponse::Paused(captured)) => {
+                        match captured {
+                            Some(Ok(s)) => states.push(*s),
+                            Some(Err(e)) => return Err(Error::Kvm(e.to_string())),
+                            None => {}
+                        }
+                        break;
+                    }
                     Ok(_) => {}
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => kick(&h.thread),
                     Err(_) => return Err(Error::Kvm(format!("vCPU {} thread has ended", h.index))),
@@ -505,6 +527,7 @@ impl Vm {
         for t in &self.virtio {
             lock(t).set_paused(true);
         }
+        *lock(&self.captured) = (capture && states.len() == handles.len()).then_some(states);
         self.paused.store(true, Ordering::Release);
         Ok(t0.elapsed())
     }
@@ -519,6 +542,7 @@ impl Vm {
         if !self.paused.load(Ordering::Acquire) {
             return Ok(());
         }
+        *lock(&self.captured) = None;
         for t in &self.virtio {
             lock(t).set_paused(false);
         }
@@ -550,7 +574,10 @@ impl Vm {
         }
         let mut vcpus = Vec::new();
         let handles = lock(&self.vcpus);
-        for h in handles.iter() {
+        if let Some(captured) = lock(&self.captured).take() {
+            vcpus = captured;
+        }
+        for h in handles.iter().skip(vcpus.len()) {
             h.requests
                 .send(VcpuRequest::Save)
                 .map_err(|_| Error::Kvm(format!("vCPU {} thread has ended", h.index)))?;

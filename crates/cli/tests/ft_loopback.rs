@@ -1,0 +1,206 @@
+//! FT protection between two monitor processes on this host (A-link over loopback): the counter
+//! continues on the backup after SIGKILL of the primary; a lost backup leaves the primary
+//! running, degraded, with its output flowing. Needs root and /dev/kvm.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use testbed::{can_run_vms, Monitor, Scratch, TapDevice};
+
+const SECRET: &str = "ftvm-test-secret-0123456789";
+
+fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn counts(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("counter "))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
+fn wait_state(m: &Monitor, state: &str, timeout: Duration) -> serde_json::Value {
+    let t0 = Instant::now();
+    loop {
+        if let Ok(v) = m.api("GET", "/status", None) {
+            if v["ft"]["state"] == state {
+                return v;
+            }
+            assert!(t0.elapsed() < timeout, "FT state {state} not reached: {v}");
+        }
+        assert!(t0.elapsed() < timeout, "no FT status within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct Pair {
+    primary: Monitor,
+    backup: Monitor,
+}
+
+fn start_pair(dir: &Scratch, job: &str, primary_net: &[String], backup_net: &[String]) -> Pair {
+    std::env::set_var("FTVM_FT_SECRET", SECRET);
+    let port = free_port();
+    let peer = format!("127.0.0.1:{port}");
+    let (bcon, bsock) = (dir.path("b.console"), dir.path("b.sock"));
+    let mut bargs = s(&[
+        "vm",
+        "backup",
+        "--listen",
+        &peer,
+        "--console",
+        &format!("file:{}", bcon.display()),
+    ]);
+    bargs.extend(s(&["--api-sock", &bsock.display().to_string()]));
+    bargs.extend_from_slice(backup_net);
+    let backup = Monitor::spawn(&bargs, &bcon, Some(&bsock)).unwrap();
+    wait_file(&bsock);
+    let (acon, asock) = (dir.path("a.console"), dir.path("a.sock"));
+    let mut aargs = s(&[
+        "vm",
+        "run",
+        "--image",
+        "testguest",
+        "--mem",
+        "128",
+        "--cmdline",
+        job,
+        "--ft-peer",
+        &peer,
+    ]);
+    aargs.extend(s(&[
+        "--console",
+        &format!("file:{}", acon.display()),
+        "--api-sock",
+        &asock.display().to_string(),
+    ]));
+    aargs.extend_from_slice(primary_net);
+    let primary = Monitor::spawn(&aargs, &acon, Some(&asock)).unwrap();
+    wait_file(&asock);
+    Pair { primary, backup }
+}
+
+fn wait_file(p: &Path) {
+    let t0 = Instant::now();
+    while !p.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{} never appeared",
+            p.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn counter_continues_on_the_backup_after_sigkill_of_the_primary() {
+    if !can_run_vms() {
+        eprintln!("skipped: needs root and /dev/kvm");
+        return;
+    }
+    let dir = Scratch::new("ft-counter").unwrap();
+    let mut pair = start_pair(&dir, "-- counter", &[], &[]);
+    wait_state(&pair.primary, "protected", Duration::from_secs(20));
+    pair.primary
+        .wait_for("counter 50\n", Duration::from_secs(20))
+        .unwrap();
+    let st = pair.primary.api("GET", "/status", None).unwrap();
+    assert!(st["ft"]["checkpoints"].as_u64().unwrap() > 10, "{st}");
+    pair.primary.kill9();
+    let last_primary = *counts(&pair.primary.console_text()).last().unwrap();
+
+    wait_state(&pair.backup, "failed-over", Duration::from_secs(5));
+    let target = format!("counter {}\n", last_primary + 20);
+    let text = pair
+        .backup
+        .wait_for(&target, Duration::from_secs(10))
+        .unwrap();
+    let seq = counts(&text);
+    // The backup resumes at the last committed checkpoint: never past what the primary printed,
+    // never from zero, and it counts on without gaps.
+    assert!(seq[0] > 1, "restarted from zero: {seq:?}");
+    assert!(
+        seq[0] <= last_primary + 1,
+        "backup ran ahead of the primary: {} > {}",
+        seq[0],
+        last_primary + 1
+    );
+    assert!(
+        last_primary + 1 - seq[0] <= 10,
+        "resumed too far back: {} vs {}",
+        seq[0],
+        last_primary
+    );
+    assert!(seq.windows(2).all(|w| w[1] == w[0] + 1), "gap: {seq:?}");
+}
+
+#[test]
+fn lost_backup_leaves_the_primary_running_degraded_with_output_flowing() {
+    if !can_run_vms() {
+        eprintln!("skipped: needs root and /dev/kvm");
+        return;
+    }
+    let dir = Scratch::new("ft-degraded").unwrap();
+    let tap_a = TapDevice::new().unwrap();
+    let tap_b = TapDevice::new().unwrap();
+    let job = format!("{} -- kv 7100", tap_a.guest_cmdline());
+    let mut pair = start_pair(
+        &dir,
+        &job,
+        &s(&["--net", &format!("tap={}", tap_a.name)]),
+        &s(&["--net", &format!("tap={}", tap_b.name)]),
+    );
+    wait_state(&pair.primary, "protected", Duration::from_secs(20));
+    let c = connect(&format!("{}:7100", tap_a.guest_ip));
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    let mut c = c;
+    for i in 0..20 {
+        assert_eq!(ask(&mut c, &mut r, &format!("SET a{i} {i}")), "OK");
+    }
+    pair.backup.kill9();
+    let st = wait_state(&pair.primary, "degraded", Duration::from_secs(5));
+    assert_eq!(st["state"], "running");
+    // Output keeps flowing, on the same connection.
+    for i in 0..20 {
+        assert_eq!(
+            ask(&mut c, &mut r, &format!("GET a{i}")),
+            format!("VALUE {i}")
+        );
+        assert_eq!(ask(&mut c, &mut r, &format!("SET b{i} {i}")), "OK");
+    }
+}
+
+fn connect(addr: &str) -> TcpStream {
+    let t0 = Instant::now();
+    loop {
+        match TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_millis(500)) {
+            Ok(c) => {
+                c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                return c;
+            }
+            Err(e) => assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "cannot connect to {addr}: {e}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn ask(c: &mut TcpStream, r: &mut BufReader<TcpStream>, line: &str) -> String {
+    c.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut a = String::new();
+    r.read_line(&mut a).unwrap();
+    a.trim_end().to_string()
+}
