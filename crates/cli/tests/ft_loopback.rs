@@ -49,16 +49,36 @@ struct Pair {
     backup: Monitor,
 }
 
+/// A-link silence that declares the peer lost. Generous: CI machines are busy, and a false
+/// failover would make two copies of the guest run.
+const TIMEOUT_MS: &str = "500";
+
 fn start_pair(dir: &Scratch, job: &str, primary_net: &[String], backup_net: &[String]) -> Pair {
-    std::env::set_var("FTVM_FT_SECRET", SECRET);
     let port = free_port();
-    let peer = format!("127.0.0.1:{port}");
+    start_pair_via(dir, job, primary_net, backup_net, port, port)
+}
+
+/// Starts a backup listening on `backup_port` and a primary sending to `primary_port` (a proxy
+/// may sit between them).
+fn start_pair_via(
+    dir: &Scratch,
+    job: &str,
+    primary_net: &[String],
+    backup_net: &[String],
+    backup_port: u16,
+    primary_port: u16,
+) -> Pair {
+    std::env::set_var("FTVM_FT_SECRET", SECRET);
+    let listen = format!("127.0.0.1:{backup_port}");
+    let peer = format!("127.0.0.1:{primary_port}");
     let (bcon, bsock) = (dir.path("b.console"), dir.path("b.sock"));
     let mut bargs = s(&[
         "vm",
         "backup",
         "--listen",
-        &peer,
+        &listen,
+        "--ft-timeout-ms",
+        TIMEOUT_MS,
         "--console",
         &format!("file:{}", bcon.display()),
     ]);
@@ -78,6 +98,8 @@ fn start_pair(dir: &Scratch, job: &str, primary_net: &[String], backup_net: &[St
         job,
         "--ft-peer",
         &peer,
+        "--ft-timeout-ms",
+        TIMEOUT_MS,
     ]);
     aargs.extend(s(&[
         "--console",
@@ -179,6 +201,140 @@ fn lost_backup_leaves_the_primary_running_degraded_with_output_flowing() {
         );
         assert_eq!(ask(&mut c, &mut r, &format!("SET b{i} {i}")), "OK");
     }
+}
+
+/// How the proxy damages the primary → backup stream once armed.
+#[derive(Clone, Copy)]
+enum Damage {
+    /// Flip one byte `n` bytes after arming.
+    Corrupt(u64),
+    /// Close both directions `n` bytes after arming.
+    Truncate(u64),
+}
+
+/// A TCP proxy on loopback between primary and backup that damages the stream on demand.
+struct Proxy {
+    port: u16,
+    arm: std::sync::Arc<std::sync::Mutex<Option<Damage>>>,
+}
+
+impl Proxy {
+    fn start(target: u16) -> Proxy {
+        use std::sync::{Arc, Mutex};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let arm: Arc<Mutex<Option<Damage>>> = Arc::default();
+        let armed = arm.clone();
+        std::thread::spawn(move || {
+            let Ok((inbound, _)) = listener.accept() else {
+                return;
+            };
+            let outbound = TcpStream::connect(("127.0.0.1", target)).unwrap();
+            let (mut in_r, mut out_w) =
+                (inbound.try_clone().unwrap(), outbound.try_clone().unwrap());
+            let (mut out_r, mut in_w) = (outbound, inbound);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut out_r, &mut in_w);
+            });
+            let mut buf = vec![0u8; 65536];
+            let mut countdown: Option<(Damage, u64)> = None;
+            loop {
+                let n = match std::io::Read::read(&mut in_r, &mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if countdown.is_none() {
+                    if let Some(d) = armed.lock().unwrap().take() {
+                        countdown = Some((
+                            d,
+                            match d {
+                                Damage::Corrupt(n) | Damage::Truncate(n) => n,
+                            },
+                        ));
+                    }
+                }
+                let mut chunk = &mut buf[..n];
+                if let Some((damage, left)) = countdown.as_mut() {
+                    if (*left as usize) < chunk.len() {
+                        match *damage {
+                            Damage::Corrupt(_) => chunk[*left as usize] ^= 0x5a,
+                            Damage::Truncate(_) => {
+                                chunk = &mut chunk[..*left as usize];
+                                let _ = out_w.write_all(chunk);
+                                let _ = out_w.shutdown(std::net::Shutdown::Both);
+                                let _ = in_r.shutdown(std::net::Shutdown::Both);
+                                return;
+                            }
+                        }
+                        *left = u64::MAX;
+                    } else if *left != u64::MAX {
+                        *left -= chunk.len() as u64;
+                    }
+                }
+                if out_w.write_all(chunk).is_err() {
+                    return;
+                }
+            }
+        });
+        Proxy { port, arm }
+    }
+
+    fn damage(&self, d: Damage) {
+        *self.arm.lock().unwrap() = Some(d);
+    }
+}
+
+fn damaged_stream_is_refused_and_the_backup_resumes_its_last_good_state(damage: Damage, tag: &str) {
+    if !can_run_vms() {
+        eprintln!("skipped: needs root and /dev/kvm");
+        return;
+    }
+    let dir = Scratch::new(tag).unwrap();
+    let backup_port = free_port();
+    let proxy = Proxy::start(backup_port);
+    let mut pair = start_pair_via(&dir, "-- dirty 2000 4", &[], &[], backup_port, proxy.port);
+    wait_state(&pair.primary, "protected", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(300));
+    let before = pair.backup.api("GET", "/status", None).unwrap()["ft"]["epoch"]
+        .as_u64()
+        .unwrap();
+    assert!(before > 0);
+    proxy.damage(damage);
+    let st = wait_state(&pair.backup, "failed-over", Duration::from_secs(5));
+    let epoch = st["ft"]["epoch"].as_u64().unwrap();
+    assert!(
+        epoch >= before,
+        "the backup went back from epoch {before} to {epoch}"
+    );
+    if let Damage::Corrupt(_) = damage {
+        assert_eq!(st["ft"]["rejected_frames"], 1, "{st}");
+    }
+    // The resumed guest is consistent: it keeps running its job from the committed state.
+    pair.backup
+        .wait_for("dirty: total=", Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(
+        pair.backup.api("GET", "/status", None).unwrap()["state"],
+        "running"
+    );
+    let primary = wait_state(&pair.primary, "degraded", Duration::from_secs(5));
+    assert_eq!(primary["state"], "running");
+}
+
+#[test]
+fn corrupted_frame_is_refused_and_never_applied() {
+    damaged_stream_is_refused_and_the_backup_resumes_its_last_good_state(
+        Damage::Corrupt(5000),
+        "ft-corrupt",
+    );
+}
+
+#[test]
+fn truncated_frame_is_refused_and_never_applied() {
+    damaged_stream_is_refused_and_the_backup_resumes_its_last_good_state(
+        Damage::Truncate(3000),
+        "ft-trunc",
+    );
 }
 
 fn connect(addr: &str) -> TcpStream {

@@ -103,3 +103,52 @@ pub fn apply(mem: &GuestMemory, addrs: &[u64], data: &[u8]) -> Result<(), Error>
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mem() -> GuestMemory {
+        GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+    }
+
+    #[test]
+    fn pages_round_trip_through_a_batch() {
+        let src = mem();
+        src.write_slice(&[7u8; PAGE], GuestAddress(0x3000)).unwrap();
+        src.write_slice(&[9u8; 10], GuestAddress(0x5000)).unwrap();
+        let dirty = DirtyPages::new(vec![(0, 1 << 20, vec![(1 << 3) | (1 << 5)])]);
+        let mut staging = Staging::default();
+        staging.copy(&src, &dirty).unwrap();
+        assert_eq!(staging.addrs, vec![0x3000, 0x5000]);
+        let batch = staging.to_batch();
+        assert!(
+            batch.lz4.len() < 2 * PAGE / 4,
+            "repetitive pages should compress"
+        );
+        let dst = mem();
+        batch.check_addresses(&dst).unwrap();
+        apply(&dst, &batch.addrs, &batch.decompress().unwrap()).unwrap();
+        let mut page = vec![0u8; PAGE];
+        dst.read_slice(&mut page, GuestAddress(0x3000)).unwrap();
+        assert!(page.iter().all(|&b| b == 7));
+        dst.read_slice(&mut page, GuestAddress(0x5000)).unwrap();
+        assert_eq!(&page[..11], &[9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 0]);
+    }
+
+    #[test]
+    fn bad_batches_are_refused_before_anything_is_written() {
+        let dst = mem();
+        let outside = PageBatch::compress(vec![2 << 20], &[0u8; PAGE]);
+        assert!(outside.check_addresses(&dst).is_err());
+        let unaligned = PageBatch::compress(vec![0x10], &[0u8; PAGE]);
+        assert!(unaligned.check_addresses(&dst).is_err());
+        let short = PageBatch::compress(vec![0x1000, 0x2000], &[0u8; PAGE]);
+        assert!(short.decompress().is_err());
+        let garbage = PageBatch {
+            addrs: vec![0x1000],
+            lz4: vec![1, 2, 3],
+        };
+        assert!(garbage.decompress().is_err());
+    }
+}

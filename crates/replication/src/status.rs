@@ -143,3 +143,16 @@ impl FtStatus {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pause_percentiles() {
+        let st = FtStatus::new("primary");
+        st.update(|s| (1..=128).for_each(|us| s.record_pause(us)));
+        let s = st.get();
+        assert_eq!((s.pause_p50_us, s.pause_p99_us), (65, 127));
+    }
+}

@@ -2,7 +2,8 @@
 //! tag under a per-session key.
 //!
 //! ```text
-//! header (24 bytes): "FTRP" | version u16 | kind u8 | flags u8 | seq u64 | len u32 | crc32 u32
+//! header (28 bytes): "FTRP" | version u16 | kind u8 | flags u8 | seq u64 | len u32
+//!                    | payload crc32 u32 | header crc32 u32 (over the 24 bytes before it)
 //! payload (len bytes)
 //! tag (32 bytes): HMAC-SHA256(session key, header || payload)
 //! ```
@@ -19,7 +20,7 @@ use sha2::Sha256;
 const MAGIC: &[u8; 4] = b"FTRP";
 /// Wire format version.
 pub const VERSION: u16 = 1;
-const HEADER_LEN: usize = 24;
+const HEADER_LEN: usize = 28;
 const TAG_LEN: usize = 32;
 /// Largest payload accepted (a checkpoint of 1 GiB of dirty memory is far beyond any epoch).
 pub const MAX_PAYLOAD: usize = 1 << 30;
@@ -152,6 +153,8 @@ impl Channel {
         out.extend_from_slice(&seq.to_le_bytes());
         out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        let header_crc = crc32fast::hash(&out);
+        out.extend_from_slice(&header_crc.to_le_bytes());
         let tag = self.tag(&out, payload);
         out.extend_from_slice(payload);
         out.extend_from_slice(&tag);
@@ -175,6 +178,10 @@ impl Channel {
     pub fn recv(&mut self, r: &mut impl Read) -> Result<Frame, WireError> {
         let mut header = [0u8; HEADER_LEN];
         r.read_exact(&mut header)?;
+        // A damaged header (a wrong length above all) is refused before anything else is read.
+        if crc32fast::hash(&header[..24]) != u32::from_le_bytes(header[24..28].try_into().unwrap_or_default()) {
+            return Err(WireError::Integrity("header checksum mismatch".into()));
+        }
         if &header[0..4] != MAGIC {
             return Err(WireError::Format("bad magic".into()));
         }

@@ -1,6 +1,7 @@
 //! Building blocks for tests and benchmarks that drive real monitors: locating the binaries,
 //! tap devices that clean up after themselves, and monitor processes with their consoles.
 
+pub mod kv;
 pub mod monitor;
 pub mod tap;
 
