@@ -105,8 +105,8 @@ pub struct RunArgs {
     /// Initial ramdisk.
     #[arg(long, requires = "kernel")]
     pub initrd: Option<PathBuf>,
-    /// Kernel command line (added after ftvm's defaults).
-    #[arg(long, default_value = "")]
+    /// Kernel command line (added after ftvm's defaults); the test guest's job follows ` -- `.
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
     pub cmdline: String,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
@@ -544,7 +544,16 @@ fn supervise(
     } else {
         vm.start()?;
     }
+    announce(&vm);
     wait_end(vm, server)
+}
+
+/// Tells the LAN where the guest's MACs now are (a RARP broadcast per NIC), so switches that
+/// saw the MAC elsewhere (another node, before a restart or a failover) forward to us at once.
+fn announce(vm: &Vm) {
+    for (out, net) in vm.net_outputs().iter().zip(&vm.config().nets) {
+        out.inject(&replication::announce::rarp_frame(net.mac));
+    }
 }
 
 /// Runs an already started `vm` until it ends.

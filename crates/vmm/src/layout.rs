@@ -67,5 +67,12 @@ pub const SLEEP_ENABLE: u8 = 1 << 5;
 /// i8042 command port; writing 0xfe here also reboots (legacy reset path).
 pub const I8042_COMMAND_PORT: u16 = 0x64;
 
+/// COM1's registers also appear here as MMIO (register `i` at offset `i`): guest code at CPL 3
+/// cannot use port I/O on pagetable-based KVM (IOPL is forced to 0), MMIO works at any CPL.
+pub const SERIAL_MMIO_BASE: u64 = 0xd000_8000;
+/// The ACPI sleep control (offset 0), sleep status (1) and reset (2) registers as MMIO, for the
+/// same reason.
+pub const ACPI_MMIO_BASE: u64 = 0xd000_9000;
+
 /// Page size used for dirty tracking and snapshots.
 pub const PAGE_SIZE: u64 = 4096;

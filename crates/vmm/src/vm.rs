@@ -313,11 +313,10 @@ impl Vm {
         };
         let serial = Arc::new(Mutex::new(serial));
         io_bus.insert(u64::from(SERIAL_PORT), 8, serial.clone());
-        io_bus.insert(
-            u64::from(ACPI_SLEEP_CONTROL_PORT),
-            3,
-            Arc::new(Mutex::new(AcpiPower::new(exit.clone()))),
-        );
+        mmio_bus.insert(SERIAL_MMIO_BASE, 8, serial.clone());
+        let power = Arc::new(Mutex::new(AcpiPower::new(exit.clone())));
+        io_bus.insert(u64::from(ACPI_SLEEP_CONTROL_PORT), 3, power.clone());
+        mmio_bus.insert(ACPI_MMIO_BASE, 3, power);
         io_bus.insert(0x60, 5, Arc::new(Mutex::new(I8042::new(exit.clone()))));
 
         let mut virtio = Vec::new();
