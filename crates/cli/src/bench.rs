@@ -23,6 +23,13 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// FT protection vs unprotected on the two-node test bed: checkpoint rate and pause, bytes,
+    /// added round trip, CPU-bound speed, failover time, acknowledged writes lost.
+    Ft {
+        /// Print one JSON object on the last line.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Runs one `ftvm bench` subcommand; returns the process exit status.
@@ -30,5 +37,6 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<i32> {
     match cmd {
         BenchCommand::Boot { runs, json } => crate::bench_vm::boot(runs, json),
         BenchCommand::Pause { cycles, json } => crate::bench_vm::pause(cycles, json),
+        BenchCommand::Ft { json } => crate::bench_ft::run(json),
     }
 }

@@ -1,8 +1,11 @@
 //! `ftvm`: the fault-tolerant virtualization cluster's command-line tool.
 
 mod bench;
+mod bench_ft;
 mod bench_vm;
+mod demo;
 mod image;
+mod testbed_cmd;
 mod vm;
 mod volume;
 
@@ -27,9 +30,18 @@ enum Command {
     /// Manage volumes in storage pools.
     #[command(subcommand)]
     Volume(volume::VolumeCommand),
+    /// The two-node FT demo: a protected guest, a writing client, node A killed, nothing lost.
+    Demo {
+        /// Seconds of protected running before node A is killed.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
     /// Benchmarks that print figures.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// The two-node network-namespace test bed on this machine (root).
+    #[command(subcommand)]
+    Testbed(testbed_cmd::TestbedCommand),
 }
 
 fn main() {
@@ -46,6 +58,8 @@ fn main() {
         Command::Image(cmd) => image::run(cmd),
         Command::Volume(cmd) => volume::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Demo { seconds } => demo::run(seconds),
+        Command::Testbed(cmd) => testbed_cmd::run(cmd),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -535,16 +535,17 @@ fn supervise(
     start_paused: bool,
     ft: Option<Arc<replication::FtStatus>>,
 ) -> anyhow::Result<Option<i32>> {
-    let server = match api_sock {
-        Some(p) => Some(api::serve(p, Arc::new(VmControl(vm.clone(), ft)))?),
-        None => None,
-    };
+    // Start first: when the socket appears, the VM is in the state the options asked for.
     if start_paused {
         vm.start_paused()?;
     } else {
         vm.start()?;
     }
     announce(&vm);
+    let server = match api_sock {
+        Some(p) => Some(api::serve(p, Arc::new(VmControl(vm.clone(), ft)))?),
+        None => None,
+    };
     wait_end(vm, server)
 }
 

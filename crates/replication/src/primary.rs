@@ -145,6 +145,7 @@ impl Primary {
                 s.record_pause(stats.pause.as_micros() as u32);
                 s.last_pages = stats.pages as u64;
                 s.last_bytes = stats.bytes as u64;
+                s.total_bytes += stats.bytes as u64;
                 if let Some(r) = rate {
                     s.checkpoints_per_s = r;
                 }

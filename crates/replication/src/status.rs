@@ -57,6 +57,8 @@ pub struct FtSnapshot {
     pub last_pages: u64,
     /// Bytes of the last checkpoint frame.
     pub last_bytes: u64,
+    /// Bytes of all checkpoint frames.
+    pub total_bytes: u64,
     /// Phases of the last pause.
     pub last_phases: PausePhases,
     /// Median pause over the recent window, µs.
@@ -113,6 +115,7 @@ impl FtStatus {
             last_pause_us: 0,
             last_pages: 0,
             last_bytes: 0,
+            total_bytes: 0,
             last_phases: PausePhases::default(),
             pause_p50_us: 0,
             pause_p99_us: 0,

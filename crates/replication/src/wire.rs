@@ -179,7 +179,9 @@ impl Channel {
         let mut header = [0u8; HEADER_LEN];
         r.read_exact(&mut header)?;
         // A damaged header (a wrong length above all) is refused before anything else is read.
-        if crc32fast::hash(&header[..24]) != u32::from_le_bytes(header[24..28].try_into().unwrap_or_default()) {
+        if crc32fast::hash(&header[..24])
+            != u32::from_le_bytes(header[24..28].try_into().unwrap_or_default())
+        {
             return Err(WireError::Integrity("header checksum mismatch".into()));
         }
         if &header[0..4] != MAGIC {

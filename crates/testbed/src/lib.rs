@@ -1,13 +1,17 @@
 //! Building blocks for tests and benchmarks that drive real monitors: locating the binaries,
-//! tap devices that clean up after themselves, and monitor processes with their consoles.
+//! tap devices that clean up after themselves, monitor processes with their consoles, and the
+//! two-node network-namespace test bed ([`TwoNodeBed`]).
 
+pub mod ft;
 pub mod kv;
 pub mod monitor;
+pub mod netns;
 pub mod tap;
 
 use std::path::PathBuf;
 
 pub use monitor::Monitor;
+pub use netns::TwoNodeBed;
 pub use tap::TapDevice;
 
 /// The directory holding the workspace's built binaries (`ftvm`, `testguest`).

@@ -32,6 +32,17 @@ impl Monitor {
         })
     }
 
+    /// Wraps an already started monitor process (e.g. one started inside a network namespace
+    /// by [`crate::TwoNodeBed::spawn_monitor_in`]); give it a piped stderr for
+    /// [`Monitor::stderr_text`].
+    pub fn from_child(child: Child, console: &Path, api_sock: Option<&Path>) -> Self {
+        Self {
+            child,
+            console: console.to_path_buf(),
+            api_sock: api_sock.map(Path::to_path_buf),
+        }
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

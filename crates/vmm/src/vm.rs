@@ -527,6 +527,10 @@ impl Vm {
             lock(t).set_paused(true);
         }
         *lock(&self.captured) = (capture && states.len() == handles.len()).then_some(states);
+        if !capture {
+            // Console output so far is visible while paused (snapshots, tests, operators).
+            lock(&self.serial).flush();
+        }
         self.paused.store(true, Ordering::Release);
         Ok(t0.elapsed())
     }
