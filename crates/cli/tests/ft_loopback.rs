@@ -52,7 +52,7 @@ struct Pair {
 
 /// A-link silence that declares the peer lost. Generous: CI machines are busy, and a false
 /// failover would make two copies of the guest run.
-const TIMEOUT_MS: &str = "500";
+const TIMEOUT_MS: &str = "2000";
 
 fn start_pair(dir: &Scratch, job: &str, primary_net: &[String], backup_net: &[String]) -> Pair {
     let port = free_port();
@@ -371,4 +371,35 @@ fn ask(c: &mut TcpStream, r: &mut BufReader<TcpStream>, line: &str) -> String {
     let mut a = String::new();
     r.read_line(&mut a).unwrap();
     a.trim_end().to_string()
+}
+
+#[test]
+fn silent_primary_is_declared_lost_after_the_timeout() {
+    if !can_run_vms() {
+        eprintln!("skipped: needs root and /dev/kvm");
+        return;
+    }
+    let dir = Scratch::new("ft-frozen").unwrap();
+    let mut pair = start_pair(&dir, "-- counter", &[], &[]);
+    wait_state(&pair.primary, "protected", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(200));
+    // SIGSTOP: the A-link stays open but nothing arrives any more, as when a host hangs.
+    // SAFETY: kill(2) on a child process we own.
+    unsafe { libc::kill(pair.primary.pid() as i32, libc::SIGSTOP) };
+    let t0 = Instant::now();
+    wait_state(&pair.backup, "failed-over", Duration::from_secs(10));
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "failed over after {waited:?}, before the 2 s timeout"
+    );
+    let last = *counts(&pair.primary.console_text()).last().unwrap();
+    let text = pair
+        .backup
+        .wait_for(&format!("counter {}\n", last + 10), Duration::from_secs(10))
+        .unwrap();
+    assert!(counts(&text)[0] <= last + 1);
+    // SAFETY: as above.
+    unsafe { libc::kill(pair.primary.pid() as i32, libc::SIGCONT) };
+    pair.primary.kill9();
 }

@@ -33,12 +33,13 @@ pub struct FtSetup {
 }
 
 impl FtSetup {
-    /// An FT guest running `job`.
+    /// An FT guest running `job`; a generous 2 s A-link timeout so a busy machine never fails
+    /// over by mistake (SIGKILL of the primary closes the A-link at once anyway).
     pub fn new(job: &str) -> Self {
         Self {
             job: job.to_string(),
             mem_mib: 128,
-            timeout_ms: 500,
+            timeout_ms: 2000,
             unprotected: false,
         }
     }
