@@ -430,3 +430,23 @@ fn bad_input_gives_one_clear_error_and_writes_nothing() {
         "restore attempts must not modify snapshots"
     );
 }
+
+#[test]
+fn guest_power_off_ends_the_monitor_and_reboot_boots_again() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = Scratch::new("power").unwrap();
+    let mut off = start(&dir, "off", "-- poweroff", &[]);
+    let status = off.wait_exit(BOOT).unwrap();
+    assert!(status.success(), "power-off exit status {status}");
+    assert!(off.console_text().contains("testguest: powering off"));
+
+    let mut rb = start(&dir, "reboot", "-- reboot", &[]);
+    let t0 = std::time::Instant::now();
+    while rb.console_text().matches("testguest: rebooting").count() < 3 {
+        assert!(t0.elapsed() < BOOT, "guest did not reboot three times:\n{}", rb.console_text());
+        assert!(rb.wait_exit(Duration::from_millis(20)).is_err(), "monitor exited on a reboot");
+    }
+    rb.kill9();
+}
