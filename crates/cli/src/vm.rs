@@ -320,7 +320,8 @@ fn build_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
 
 /// Kernel and initrd of the image `name`, built first if needed.
 fn image_files(name: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
-    bail!("image {name}: image support is not built yet")
+    let paths = images::ensure_image(name, true).with_context(|| format!("image {name}"))?;
+    Ok((paths.kernel, paths.initrd))
 }
 
 /// The command line every Linux guest gets.

@@ -403,3 +403,54 @@ fn silent_primary_is_declared_lost_after_the_timeout() {
     unsafe { libc::kill(pair.primary.pid() as i32, libc::SIGCONT) };
     pair.primary.kill9();
 }
+
+#[test]
+fn disk_writes_travel_with_checkpoints_to_the_backup_disk() {
+    if !can_run_vms() {
+        eprintln!("skipped: needs root and /dev/kvm");
+        return;
+    }
+    let dir = Scratch::new("ft-disk").unwrap();
+    let (disk_a, disk_b) = (dir.path("a.img"), dir.path("b.img"));
+    // Mirrored volumes start identical.
+    std::fs::write(&disk_a, vec![0u8; 2 << 20]).unwrap();
+    std::fs::write(&disk_b, vec![0u8; 2 << 20]).unwrap();
+    let mut pair = start_pair(
+        &dir,
+        "-- blk-pattern 1024",
+        &s(&["--disk", &disk_a.display().to_string()]),
+        &s(&["--disk", &disk_b.display().to_string()]),
+    );
+    pair.primary
+        .wait_for("blk-pattern ok sectors=1024", Duration::from_secs(20))
+        .unwrap();
+    wait_state(&pair.primary, "protected", Duration::from_secs(20));
+    // Let a checkpoint cover the last writes, then lose the primary.
+    let epoch = pair.primary.api("GET", "/status", None).unwrap()["ft"]["epoch"]
+        .as_u64()
+        .unwrap();
+    let t0 = Instant::now();
+    while pair.backup.api("GET", "/status", None).unwrap()["ft"]["epoch"]
+        .as_u64()
+        .unwrap()
+        < epoch + 2
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "checkpoints stalled"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    pair.primary.kill9();
+    wait_state(&pair.backup, "failed-over", Duration::from_secs(5));
+    let a = std::fs::read(&disk_a).unwrap();
+    let b = std::fs::read(&disk_b).unwrap();
+    assert!(
+        a[..1024 * 512].iter().any(|&x| x != 0),
+        "the primary wrote nothing"
+    );
+    assert!(
+        a == b,
+        "the backup's disk differs from the primary's after the writes were checkpointed"
+    );
+}
