@@ -445,8 +445,15 @@ fn guest_power_off_ends_the_monitor_and_reboot_boots_again() {
     let mut rb = start(&dir, "reboot", "-- reboot", &[]);
     let t0 = std::time::Instant::now();
     while rb.console_text().matches("testguest: rebooting").count() < 3 {
-        assert!(t0.elapsed() < BOOT, "guest did not reboot three times:\n{}", rb.console_text());
-        assert!(rb.wait_exit(Duration::from_millis(20)).is_err(), "monitor exited on a reboot");
+        assert!(
+            t0.elapsed() < BOOT,
+            "guest did not reboot three times:\n{}",
+            rb.console_text()
+        );
+        assert!(
+            rb.wait_exit(Duration::from_millis(20)).is_err(),
+            "monitor exited on a reboot"
+        );
     }
     rb.kill9();
 }
