@@ -320,7 +320,7 @@ fn build_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
 
 /// Kernel and initrd of the image `name`, built first if needed.
 fn image_files(name: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
-    let paths = images::ensure_image(name, true).with_context(|| format!("image {name}"))?;
+    let paths = images::ensure_image(name, true)?;
     Ok((paths.kernel, paths.initrd))
 }
 
