@@ -18,8 +18,15 @@ pub struct RawFile {
 impl RawFile {
     /// Opens `path`; with `read_only` the file is opened O_RDONLY and writes are refused.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, OpenError> {
-        let open_err = |source| OpenError::Open { path: path.display().to_string(), source };
-        let file = OpenOptions::new().read(true).write(!read_only).open(path).map_err(open_err)?;
+        let open_err = |source| OpenError::Open {
+            path: path.display().to_string(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(open_err)?;
         let size = file.metadata().map_err(open_err)?.len();
         if size % 512 != 0 {
             return Err(OpenError::Format {
@@ -27,7 +34,11 @@ impl RawFile {
                 reason: format!("size {size} is not a multiple of 512 bytes; resize it (truncate -s) to a multiple of 512"),
             });
         }
-        Ok(Self { file, size, read_only })
+        Ok(Self {
+            file,
+            size,
+            read_only,
+        })
     }
 }
 
@@ -43,7 +54,10 @@ impl BlockBackend for RawFile {
 
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         if self.read_only {
-            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "disk is read-only"));
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "disk is read-only",
+            ));
         }
         check_range(offset, buf.len(), self.size)?;
         self.file.write_all_at(buf, offset)
