@@ -25,8 +25,10 @@ pub struct Dirtier {
 }
 
 impl Dirtier {
-    /// Takes a working set of `working_set_mib` MiB of spare RAM; fails the job if it does not fit.
+    /// Takes a working set of `working_set_mib` MiB of spare RAM (none when `rate` is 0); fails
+    /// the job if it does not fit.
     pub fn new(rate: u64, working_set_mib: u64) -> Self {
+        let working_set_mib = if rate == 0 { 0 } else { working_set_mib };
         let bytes = (working_set_mib as usize).saturating_mul(1 << 20);
         let pages = bytes / PAGE;
         if pages == 0 && rate > 0 {
