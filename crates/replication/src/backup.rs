@@ -53,6 +53,8 @@ struct Standby {
     vm: Vm,
     state: Option<VmState>,
     epoch: u64,
+    /// Frames of the last committed epoch (resent after a failover).
+    output: Vec<Vec<Vec<u8>>>,
 }
 
 /// Waits for a primary on `opts.listen` and stands by until it is lost or stops.
@@ -109,6 +111,7 @@ pub fn run_backup(opts: &BackupOptions, status: Arc<FtStatus>) -> Result<BackupO
         vm: build_standby(opts, hello)?,
         state: None,
         epoch: 0,
+        output: Vec::new(),
     };
     tx.send(&mut w, Kind::Ready, &[])?;
     r.get_ref()
@@ -224,6 +227,7 @@ fn commit(standby: &mut Standby, payload: &[u8]) -> Result<u64, Error> {
     }
     standby.state = Some(cp.state);
     standby.epoch = cp.epoch;
+    standby.output = cp.output;
     Ok(cp.epoch)
 }
 
@@ -242,9 +246,18 @@ fn failover(standby: Standby, reason: String, status: &FtStatus) -> Result<Backu
     let vm = Arc::new(standby.vm);
     vm.load_state(&state)?;
     vm.start()?;
-    for (out, net) in vm.net_outputs().iter().zip(&vm.config().nets) {
+    for ((out, net), frames) in vm
+        .net_outputs()
+        .iter()
+        .zip(&vm.config().nets)
+        .zip(standby.output)
+    {
         for _ in 0..3 {
             out.inject(&rarp_frame(net.mac));
+        }
+        // The last committed epoch's output may never have left the primary.
+        for f in frames {
+            out.inject(&f);
         }
     }
     status.set_state(FtState::FailedOver, reason.clone());

@@ -213,6 +213,7 @@ impl Primary {
             pages: self.staging.to_batch(),
             state,
             disk_writes,
+            output: self.in_flight.clone(),
         };
         let payload = protocol::encode(&msg)?;
         self.tx.send(&mut link.w, Kind::Checkpoint, &payload)?;

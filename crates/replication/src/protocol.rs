@@ -28,6 +28,11 @@ pub struct Checkpoint {
     pub state: VmState,
     /// Guest disk writes of the epoch, per disk.
     pub disk_writes: Vec<Vec<DiskWrite>>,
+    /// The network frames the guest sent during the epoch, per interface. The primary releases
+    /// them on the acknowledgement; the backup keeps the last committed epoch's frames and sends
+    /// them again after a failover, in case the primary died before releasing them (TCP drops
+    /// the duplicates), so a reply in flight is not left to a retransmission timer.
+    pub output: Vec<Vec<Vec<u8>>>,
 }
 
 /// Backup → primary: checkpoint `epoch` is committed.
