@@ -330,13 +330,28 @@ fn default_linux_cmdline() -> String {
 }
 
 /// The control API's view of a VM (and of its FT engine, if protected).
-struct VmControl(Arc<Vm>, Option<Arc<replication::FtStatus>>);
+struct VmControl {
+    vm: Arc<Vm>,
+    ft: Option<Arc<replication::FtStatus>>,
+    /// Whether an operator's pause is in force (only that one may be resumed through the API).
+    operator_paused: std::sync::Mutex<bool>,
+}
+
+impl VmControl {
+    fn new(vm: Arc<Vm>, ft: Option<Arc<replication::FtStatus>>, paused: bool) -> Self {
+        Self {
+            vm,
+            ft,
+            operator_paused: std::sync::Mutex::new(paused),
+        }
+    }
+}
 
 impl api::Control for VmControl {
     fn status(&self) -> Value {
-        let mut v = serde_json::to_value(self.0.status())
+        let mut v = serde_json::to_value(self.vm.status())
             .unwrap_or_else(|e| json!({ "error": e.to_string() }));
-        if let (Some(ft), Some(obj)) = (&self.1, v.as_object_mut()) {
+        if let (Some(ft), Some(obj)) = (&self.ft, v.as_object_mut()) {
             obj.insert(
                 "ft".into(),
                 serde_json::to_value(ft.get()).unwrap_or_default(),
@@ -346,30 +361,45 @@ impl api::Control for VmControl {
     }
 
     fn pause(&self) -> Result<Value, String> {
-        let d = self.0.pause().map_err(|e| e.to_string())?;
+        let mut paused = self
+            .operator_paused
+            .lock()
+            .map_err(|_| "control state poisoned")?;
+        if *paused {
+            return Ok(json!({ "paused": true, "pause_us": 0 }));
+        }
+        let d = self.vm.pause().map_err(|e| e.to_string())?;
+        *paused = true;
         Ok(json!({ "paused": true, "pause_us": d.as_micros() as u64 }))
     }
 
     fn resume(&self) -> Result<Value, String> {
-        self.0.resume().map_err(|e| e.to_string())?;
+        let mut paused = self
+            .operator_paused
+            .lock()
+            .map_err(|_| "control state poisoned")?;
+        if *paused {
+            self.vm.resume().map_err(|e| e.to_string())?;
+            *paused = false;
+        }
         Ok(json!({ "paused": false }))
     }
 
     fn snapshot(&self, path: &Path) -> Result<Value, String> {
-        let info = snapshot::write_snapshot(&self.0, path).map_err(|e| e.to_string())?;
+        let info = snapshot::write_snapshot(&self.vm, path).map_err(|e| e.to_string())?;
         serde_json::to_value(info).map_err(|e| e.to_string())
     }
 
     fn shutdown(&self) -> Result<Value, String> {
-        self.0.request_shutdown();
+        self.vm.request_shutdown();
         Ok(json!({ "shutdown": true }))
     }
 
     fn memory_checksum(&self) -> Result<Value, String> {
-        if !self.0.is_paused() {
+        if !self.vm.is_paused() {
             return Err("pause the VM first: the checksum of running memory is meaningless".into());
         }
-        let crc = snapshot::memory_checksum(self.0.memory()).map_err(|e| e.to_string())?;
+        let crc = snapshot::memory_checksum(self.vm.memory()).map_err(|e| e.to_string())?;
         Ok(json!({ "crc32": crc }))
     }
 }
@@ -544,7 +574,10 @@ fn supervise(
     }
     announce(&vm);
     let server = match api_sock {
-        Some(p) => Some(api::serve(p, Arc::new(VmControl(vm.clone(), ft)))?),
+        Some(p) => Some(api::serve(
+            p,
+            Arc::new(VmControl::new(vm.clone(), ft, start_paused)),
+        )?),
         None => None,
     };
     wait_end(vm, server)
@@ -565,7 +598,10 @@ fn supervise_started(
     ft: Option<Arc<replication::FtStatus>>,
 ) -> anyhow::Result<Option<i32>> {
     let server = match api_sock {
-        Some(p) => Some(api::serve(p, Arc::new(VmControl(vm.clone(), ft)))?),
+        Some(p) => Some(api::serve(
+            p,
+            Arc::new(VmControl::new(vm.clone(), ft, false)),
+        )?),
         None => None,
     };
     wait_end(vm, server)

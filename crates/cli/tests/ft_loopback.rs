@@ -454,3 +454,44 @@ fn disk_writes_travel_with_checkpoints_to_the_backup_disk() {
         "the backup's disk differs from the primary's after the writes were checkpointed"
     );
 }
+
+#[test]
+fn an_operator_pause_holds_while_checkpoints_continue() {
+    if !can_run_vms() {
+        eprintln!("skipped: needs root and /dev/kvm");
+        return;
+    }
+    let dir = Scratch::new("ft-pause").unwrap();
+    let mut pair = start_pair(&dir, "-- counter", &[], &[]);
+    wait_state(&pair.primary, "protected", Duration::from_secs(20));
+    pair.primary
+        .wait_for("counter 20\n", Duration::from_secs(20))
+        .unwrap();
+    pair.primary.api("POST", "/pause", None).unwrap();
+    let before = pair.primary.api("GET", "/status", None).unwrap();
+    let count = counts(&pair.primary.console_text()).len();
+    std::thread::sleep(Duration::from_millis(500));
+    let during = pair.primary.api("GET", "/status", None).unwrap();
+    // Checkpoints pause and resume the VM too; they must not end the operator's pause.
+    assert_eq!(during["state"], "paused", "{during}");
+    assert!(
+        during["ft"]["checkpoints"].as_u64() > before["ft"]["checkpoints"].as_u64(),
+        "checkpoints stopped while paused: {during}"
+    );
+    assert_eq!(
+        counts(&pair.primary.console_text()).len(),
+        count,
+        "the guest ran while paused"
+    );
+    pair.primary.api("POST", "/resume", None).unwrap();
+    pair.primary
+        .wait_for(
+            &format!("counter {}\n", count + 10),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    assert_eq!(
+        pair.primary.api("GET", "/status", None).unwrap()["ft"]["state"],
+        "protected"
+    );
+}

@@ -47,16 +47,14 @@ fn io_err(path: &Path, what: &str) -> impl FnOnce(std::io::Error) -> Error {
     move |e| Error::Snapshot(format!("{msg}: {e}"))
 }
 
-/// Writes a snapshot of `vm` to `path`, pausing it for the duration if it is running.
+/// Writes a snapshot of `vm` to `path`, pausing it for the duration (a paused VM stays paused).
 pub fn write_snapshot(vm: &Vm, path: &Path) -> Result<SnapshotInfo, Error> {
-    let was_paused = vm.is_paused();
     let t0 = std::time::Instant::now();
     vm.pause()?;
     let result = write_paused(vm, path);
     let paused_ms = t0.elapsed().as_secs_f64() * 1e3;
-    if !was_paused {
-        vm.resume()?;
-    }
+    // Pauses nest: a VM paused before the snapshot stays paused.
+    vm.resume()?;
     let (bytes, pages) = result?;
     Ok(SnapshotInfo {
         path: path.to_path_buf(),

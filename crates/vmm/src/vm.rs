@@ -104,7 +104,9 @@ pub struct Vm {
     paused: AtomicBool,
     /// vCPU states captured by the last pause (consumed by `save_state`).
     captured: Mutex<Option<Vec<VcpuState>>>,
-    control: Mutex<()>,
+    /// Nesting depth of pauses (checkpoints, snapshots and operators may pause at once); the
+    /// VM runs only at depth 0. Also serializes pause and resume.
+    pause_depth: Mutex<u32>,
     started: Instant,
 }
 
@@ -414,7 +416,7 @@ impl Vm {
             exit_status,
             paused: AtomicBool::new(false),
             captured: Mutex::new(None),
-            control: Mutex::new(()),
+            pause_depth: Mutex::new(0),
             started: Instant::now(),
         })
     }
@@ -462,7 +464,7 @@ impl Vm {
 
     /// Starts the VM paused: threads run but no guest instruction executes until `resume`.
     pub fn start_paused(&self) -> Result<(), Error> {
-        let _g = lock(&self.control);
+        let mut depth = lock(&self.pause_depth);
         self.shared.pause.store(true, Ordering::Release);
         for t in &self.virtio {
             lock(t).set_paused(true);
@@ -475,21 +477,32 @@ impl Vm {
             }
         }
         self.paused.store(true, Ordering::Release);
+        *depth = 1;
         Ok(())
     }
 
     /// Stops every vCPU at an instruction boundary and device threads from touching memory.
     /// Returns how long the stop took.
+    /// Pauses nest: each `pause` needs its own `resume`.
     pub fn pause(&self) -> Result<Duration, Error> {
-        let _g = lock(&self.control);
-        self.pause_locked(false)
+        self.pause_nested(false)
+    }
+
+    fn pause_nested(&self, capture: bool) -> Result<Duration, Error> {
+        let mut depth = lock(&self.pause_depth);
+        if *depth > 0 {
+            *depth += 1;
+            return Ok(Duration::ZERO);
+        }
+        let d = self.pause_locked(capture)?;
+        *depth = 1;
+        Ok(d)
     }
 
     /// Pauses and has every vCPU save its state on the way (the next `save_state` uses it):
     /// the fast path of a checkpoint.
     pub fn pause_and_capture(&self) -> Result<Duration, Error> {
-        let _g = lock(&self.control);
-        self.pause_locked(true)
+        self.pause_nested(true)
     }
 
     fn pause_locked(&self, capture: bool) -> Result<Duration, Error> {
@@ -536,9 +549,21 @@ impl Vm {
     }
 
     /// Lets a paused VM run again.
+    /// Ends one `pause`; the VM runs again when every pause has been resumed.
     pub fn resume(&self) -> Result<(), Error> {
-        let _g = lock(&self.control);
-        self.resume_locked()
+        let mut depth = lock(&self.pause_depth);
+        match *depth {
+            0 => Ok(()),
+            1 => {
+                self.resume_locked()?;
+                *depth = 0;
+                Ok(())
+            }
+            _ => {
+                *depth -= 1;
+                Ok(())
+            }
+        }
     }
 
     fn resume_locked(&self) -> Result<(), Error> {
