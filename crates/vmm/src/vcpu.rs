@@ -149,6 +149,17 @@ pub fn set_lint(vcpu: &VcpuFd, index: u8) -> Result<(), VcpuError> {
 
 /// Reads the complete state of `vcpu`. The vCPU must not be running.
 pub fn save_state(vcpu: &VcpuFd, index: u8, msr_list: &[u32]) -> Result<VcpuState, VcpuError> {
+    save_state_with(vcpu, index, msr_list, None)
+}
+
+/// Like `save_state`, taking regs, sregs and vCPU events from `sync` (what KVM stored in the
+/// run structure at the last exit) when given. Only valid right after a KVM_RUN.
+fn save_state_with(
+    vcpu: &VcpuFd,
+    index: u8,
+    msr_list: &[u32],
+    sync: Option<&kvm_bindings::kvm_sync_regs>,
+) -> Result<VcpuState, VcpuError> {
     let entries: Vec<kvm_msr_entry> = msr_list
         .iter()
         .map(|&i| kvm_msr_entry {
@@ -168,8 +179,14 @@ pub fn save_state(vcpu: &VcpuFd, index: u8, msr_list: &[u32]) -> Result<VcpuStat
         mp_state: vcpu
             .get_mp_state()
             .map_err(kvm_err(index, "KVM_GET_MP_STATE"))?,
-        regs: vcpu.get_regs().map_err(kvm_err(index, "KVM_GET_REGS"))?,
-        sregs: vcpu.get_sregs().map_err(kvm_err(index, "KVM_GET_SREGS"))?,
+        regs: match sync {
+            Some(s) => s.regs,
+            None => vcpu.get_regs().map_err(kvm_err(index, "KVM_GET_REGS"))?,
+        },
+        sregs: match sync {
+            Some(s) => s.sregs,
+            None => vcpu.get_sregs().map_err(kvm_err(index, "KVM_GET_SREGS"))?,
+        },
         xsave: vcpu
             .get_xsave()
             .map_err(kvm_err(index, "KVM_GET_XSAVE"))?
@@ -184,9 +201,12 @@ pub fn save_state(vcpu: &VcpuFd, index: u8, msr_list: &[u32]) -> Result<VcpuStat
             .iter()
             .map(|e| (e.index, e.data))
             .collect(),
-        events: vcpu
-            .get_vcpu_events()
-            .map_err(kvm_err(index, "KVM_GET_VCPU_EVENTS"))?,
+        events: match sync {
+            Some(s) => s.events,
+            None => vcpu
+                .get_vcpu_events()
+                .map_err(kvm_err(index, "KVM_GET_VCPU_EVENTS"))?,
+        },
     })
 }
 
@@ -246,8 +266,11 @@ pub enum VcpuRequest {
 
 /// Answers from a vCPU thread.
 pub enum VcpuResponse {
-    /// The thread is paused and waits for requests; with its state if capture was asked for.
-    Paused(Option<Result<Box<VcpuState>, VcpuError>>),
+    /// The thread is out of KVM_RUN, paused, and waits for requests.
+    Paused,
+    /// With capture on: the state saved right after `Paused` (the monitor meanwhile collects
+    /// dirty pages in parallel).
+    Captured(Result<Box<VcpuState>, VcpuError>),
     /// The state, or why it could not be read.
     Saved(Result<Box<VcpuState>, VcpuError>),
     /// Whether a state was loaded.
@@ -284,8 +307,10 @@ pub fn install_kick_handler() -> Result<(), String> {
 pub struct VcpuShared {
     /// Set while the monitor wants every vCPU paused.
     pub pause: AtomicBool,
-    /// When set, a pausing vCPU saves its state and sends it with its `Paused` answer.
+    /// When set, a pausing vCPU saves its state and sends it (`Captured`) after `Paused`.
     pub capture_on_pause: AtomicBool,
+    /// KVM copies regs, sregs and events to the run structure at every exit (KVM_CAP_SYNC_REGS).
+    pub sync_regs: bool,
     /// Set when the vCPU threads must end.
     pub stop: AtomicBool,
     /// Where the VM's end is reported.
@@ -320,6 +345,11 @@ pub fn spawn(
     let thread = std::thread::Builder::new()
         .name(format!("vcpu{index}"))
         .spawn(move || {
+            if shared.sync_regs {
+                vcpu.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
+                vcpu.set_sync_valid_reg(kvm_ioctls::SyncReg::SystemRegister);
+                vcpu.set_sync_valid_reg(kvm_ioctls::SyncReg::VcpuEvents);
+            }
             let run_ptr: *mut kvm_bindings::kvm_run = vcpu.get_kvm_run();
             KVM_RUN.with(|p| p.set(run_ptr));
             run_loop(&mut vcpu, index, &msr_list, &shared, &req_rx, &resp_tx);
@@ -346,13 +376,17 @@ fn run_loop(
             return;
         }
         if shared.pause.load(Ordering::Acquire) {
-            // Saving here, before answering, spares the monitor a round trip per checkpoint.
-            let captured = shared
-                .capture_on_pause
-                .load(Ordering::Acquire)
-                .then(|| save_state(vcpu, index, msr_list).map(Box::new));
-            if responses.send(VcpuResponse::Paused(captured)).is_err() {
+            if responses.send(VcpuResponse::Paused).is_err() {
                 return;
+            }
+            // Saving now, unasked, spares the monitor a round trip per checkpoint; the registers
+            // KVM copied out at the exit (sync regs) spare three ioctls.
+            if shared.capture_on_pause.load(Ordering::Acquire) {
+                let sync = shared.sync_regs.then(|| vcpu.sync_regs());
+                let s = save_state_with(vcpu, index, msr_list, sync.as_ref()).map(Box::new);
+                if responses.send(VcpuResponse::Captured(s)).is_err() {
+                    return;
+                }
             }
             loop {
                 match requests.recv() {

@@ -102,8 +102,9 @@ pub struct Vm {
     stop_evt: EventFd,
     exit_status: Arc<Mutex<Option<i32>>>,
     paused: AtomicBool,
-    /// vCPU states captured by the last pause (consumed by `save_state`).
-    captured: Mutex<Option<Vec<VcpuState>>>,
+    /// The vCPUs were asked to capture their state at the last pause and `save_state` has not
+    /// collected it yet.
+    capture_pending: Mutex<bool>,
     /// Nesting depth of pauses (checkpoints, snapshots and operators may pause at once); the
     /// VM runs only at depth 0. Also serializes pause and resume.
     pause_depth: Mutex<u32>,
@@ -386,6 +387,7 @@ impl Vm {
         let shared = Arc::new(VcpuShared {
             pause: AtomicBool::new(false),
             capture_on_pause: AtomicBool::new(false),
+            sync_regs: kvm.check_extension(kvm_ioctls::Cap::SyncRegs),
             stop: AtomicBool::new(false),
             exit,
             io_bus,
@@ -415,7 +417,7 @@ impl Vm {
             stop_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Kvm(e.to_string()))?,
             exit_status,
             paused: AtomicBool::new(false),
-            captured: Mutex::new(None),
+            capture_pending: Mutex::new(false),
             pause_depth: Mutex::new(0),
             started: Instant::now(),
         })
@@ -472,7 +474,7 @@ impl Vm {
         self.start()?;
         for h in lock(&self.vcpus).iter() {
             match h.responses.recv_timeout(Duration::from_secs(5)) {
-                Ok(VcpuResponse::Paused(_)) => {}
+                Ok(VcpuResponse::Paused) => {}
                 _ => return Err(Error::Kvm(format!("vCPU {} did not pause", h.index))),
             }
         }
@@ -518,18 +520,11 @@ impl Vm {
         for h in handles.iter() {
             kick(&h.thread);
         }
-        let mut states = Vec::new();
         for h in handles.iter() {
             loop {
                 match h.responses.recv_timeout(Duration::from_millis(100)) {
-                    Ok(VcpuResponse::Paused(captured)) => {
-                        match captured {
-                            Some(Ok(s)) => states.push(*s),
-                            Some(Err(e)) => return Err(Error::Kvm(e.to_string())),
-                            None => {}
-                        }
-                        break;
-                    }
+                    Ok(VcpuResponse::Paused) => break,
+                    // Left over from a capture nobody collected: stale.
                     Ok(_) => {}
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => kick(&h.thread),
                     Err(_) => return Err(Error::Kvm(format!("vCPU {} thread has ended", h.index))),
@@ -539,7 +534,7 @@ impl Vm {
         for t in &self.virtio {
             lock(t).set_paused(true);
         }
-        *lock(&self.captured) = (capture && states.len() == handles.len()).then_some(states);
+        *lock(&self.capture_pending) = capture;
         if !capture {
             // Console output so far is visible while paused (snapshots, tests, operators).
             lock(&self.serial).flush();
@@ -570,7 +565,12 @@ impl Vm {
         if !self.paused.load(Ordering::Acquire) {
             return Ok(());
         }
-        *lock(&self.captured) = None;
+        if std::mem::take(&mut *lock(&self.capture_pending)) {
+            // Collect the captures nobody asked for, so the channels hold no stale answers.
+            for h in lock(&self.vcpus).iter() {
+                let _ = h.responses.recv_timeout(Duration::from_secs(1));
+            }
+        }
         for t in &self.virtio {
             lock(t).set_paused(false);
         }
@@ -602,8 +602,19 @@ impl Vm {
         }
         let mut vcpus = Vec::new();
         let handles = lock(&self.vcpus);
-        if let Some(captured) = lock(&self.captured).take() {
-            vcpus = captured;
+        if std::mem::take(&mut *lock(&self.capture_pending)) {
+            for h in handles.iter() {
+                match h.responses.recv_timeout(Duration::from_secs(5)) {
+                    Ok(VcpuResponse::Captured(Ok(s))) => vcpus.push(*s),
+                    Ok(VcpuResponse::Captured(Err(e))) => return Err(Error::Kvm(e.to_string())),
+                    _ => {
+                        return Err(Error::Kvm(format!(
+                            "vCPU {} did not send its state",
+                            h.index
+                        )))
+                    }
+                }
+            }
         }
         for h in handles.iter().skip(vcpus.len()) {
             h.requests
