@@ -57,6 +57,10 @@ pub struct FtArgs {
     /// A-link silence after which the peer is declared lost, ms.
     #[arg(long, default_value_t = 100)]
     pub ft_timeout_ms: u64,
+    /// Skip copying the disks at the start of protection: the backup's volumes are known to be
+    /// identical to the primary's.
+    #[arg(long)]
+    pub ft_assume_disks_synced: bool,
 }
 
 /// Options of `ftvm vm backup`.
@@ -83,6 +87,10 @@ pub struct BackupArgs {
     /// A-link silence after which the primary is declared lost, ms.
     #[arg(long, default_value_t = 100)]
     pub ft_timeout_ms: u64,
+    /// After a failover, protect the guest again with a backup at this A-link address (for
+    /// instance the repaired former primary running `ftvm vm backup --listen`).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub reprotect_to: Option<std::net::SocketAddr>,
 }
 
 /// The control socket of a running VM.
@@ -431,6 +439,7 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
             o.max_interval =
                 Duration::from_millis(args.ft.ft_max_interval_ms.max(args.ft.ft_min_interval_ms));
             o.timeout = Duration::from_millis(args.ft.ft_timeout_ms.max(10));
+            o.sync_disks = !args.ft.ft_assume_disks_synced;
             Some(o)
         }
         None => None,
@@ -510,6 +519,19 @@ fn backup_vm(args: BackupArgs) -> anyhow::Result<i32> {
         replication::BackupOutcome::FailedOver { vm, epoch, reason } => {
             eprintln!("ftvm: primary lost ({reason}); guest resumed here from checkpoint {epoch}");
             drop(server);
+            let status = match args.reprotect_to {
+                Some(peer) => {
+                    // This node is the primary now; protect the guest again.
+                    let mut o = replication::FtOptions::new(peer, opts.secret.clone());
+                    o.timeout = opts.timeout;
+                    o.connect_timeout = Duration::from_secs(24 * 3600);
+                    let st = Arc::new(replication::FtStatus::new("primary"));
+                    replication::start_primary(vm.clone(), o, st.clone())
+                        .context("cannot start the FT engine")?;
+                    st
+                }
+                None => status,
+            };
             match supervise_started(vm, args.api_sock.as_deref(), Some(status))? {
                 Some(code) => Ok(code),
                 None => {

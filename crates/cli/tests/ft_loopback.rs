@@ -405,16 +405,18 @@ fn silent_primary_is_declared_lost_after_the_timeout() {
 }
 
 #[test]
-fn disk_writes_travel_with_checkpoints_to_the_backup_disk() {
+fn disks_are_copied_and_writes_travel_with_checkpoints_to_the_backup_disk() {
     if !can_run_vms() {
         eprintln!("skipped: needs root and /dev/kvm");
         return;
     }
     let dir = Scratch::new("ft-disk").unwrap();
     let (disk_a, disk_b) = (dir.path("a.img"), dir.path("b.img"));
-    // Mirrored volumes start identical.
-    std::fs::write(&disk_a, vec![0u8; 2 << 20]).unwrap();
-    std::fs::write(&disk_b, vec![0u8; 2 << 20]).unwrap();
+    // The volumes differ at the start: protection copies the primary's disk to the backup.
+    let mut initial = vec![0u8; 2 << 20];
+    initial[(1 << 20)..].fill(0x11);
+    std::fs::write(&disk_a, &initial).unwrap();
+    std::fs::write(&disk_b, vec![0xabu8; 2 << 20]).unwrap();
     let mut pair = start_pair(
         &dir,
         "-- blk-pattern 1024",
@@ -494,4 +496,68 @@ fn an_operator_pause_holds_while_checkpoints_continue() {
         pair.primary.api("GET", "/status", None).unwrap()["ft"]["state"],
         "protected"
     );
+}
+
+#[test]
+fn the_surviving_node_protects_the_guest_again_with_a_new_backup() {
+    if !can_run_vms() {
+        eprintln!("skipped: needs root and /dev/kvm");
+        return;
+    }
+    let dir = Scratch::new("ft-reprotect").unwrap();
+    let new_backup_port = free_port();
+    let reprotect = format!("127.0.0.1:{new_backup_port}");
+    let mut pair = start_pair(&dir, "-- counter", &[], &s(&["--reprotect-to", &reprotect]));
+    wait_state(&pair.primary, "protected", Duration::from_secs(20));
+    pair.primary
+        .wait_for("counter 10\n", Duration::from_secs(20))
+        .unwrap();
+    pair.primary.kill9();
+    // Node B runs the guest and waits for a backup to protect it again.
+    let st = wait_state(&pair.backup, "syncing", Duration::from_secs(10));
+    assert_eq!(st["ft"]["role"], "primary", "{st}");
+
+    let (ccon, csock) = (dir.path("c.console"), dir.path("c.sock"));
+    let mut cargs = s(&[
+        "vm",
+        "backup",
+        "--listen",
+        &reprotect,
+        "--ft-timeout-ms",
+        TIMEOUT_MS,
+    ]);
+    cargs.extend(s(&[
+        "--console",
+        &format!("file:{}", ccon.display()),
+        "--api-sock",
+        &csock.display().to_string(),
+    ]));
+    let mut c = Monitor::spawn(&cargs, &ccon, Some(&csock)).unwrap();
+    wait_file(&csock);
+    wait_state(&pair.backup, "protected", Duration::from_secs(20));
+    let b_text = pair
+        .backup
+        .wait_for("counter", Duration::from_secs(5))
+        .unwrap();
+    let b_seq = counts(&b_text);
+    let target = b_seq.last().unwrap() + 30;
+    pair.backup
+        .wait_for(&format!("counter {target}\n"), Duration::from_secs(20))
+        .unwrap();
+    pair.backup.kill9();
+    wait_state(&c, "failed-over", Duration::from_secs(5));
+    let last_b = *counts(&pair.backup.console_text()).last().unwrap();
+    let c_text = c
+        .wait_for(
+            &format!("counter {}\n", last_b + 10),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    let c_seq = counts(&c_text);
+    assert!(
+        c_seq[0] > target - 30 && c_seq[0] <= last_b + 1,
+        "node C resumed at {} (B printed up to {last_b})",
+        c_seq[0]
+    );
+    assert!(c_seq.windows(2).all(|w| w[1] == w[0] + 1), "gap: {c_seq:?}");
 }

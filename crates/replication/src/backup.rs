@@ -136,6 +136,7 @@ pub fn run_backup(opts: &BackupOptions, status: Arc<FtStatus>) -> Result<BackupO
                 let data = batch.decompress()?;
                 pages::apply(standby.vm.memory(), &batch.addrs, &data)?;
             }
+            Kind::Disk => apply_disk_chunk(&standby, &frame.payload)?,
             Kind::Checkpoint => match commit(&mut standby, &frame.payload) {
                 Ok(epoch) => {
                     tx.send(&mut w, Kind::Ack, &protocol::encode(&Ack { epoch })?)?;
@@ -195,6 +196,33 @@ fn build_standby(opts: &BackupOptions, hello: Hello) -> Result<Vm, Error> {
     Ok(Vm::create_standby(config, hello.kind)?)
 }
 
+/// Writes one chunk of the initial disk sync (made durable by the first commit).
+fn apply_disk_chunk(standby: &Standby, payload: &[u8]) -> Result<(), Error> {
+    let chunk: protocol::DiskChunk = protocol::decode(payload)?;
+    let backend = standby
+        .vm
+        .disk_backends()
+        .get(chunk.disk as usize)
+        .ok_or_else(|| Error::Protocol(format!("disk {} does not exist here", chunk.disk)))?;
+    let data = lz4_flex::block::decompress_size_prepended(&chunk.lz4)
+        .map_err(|e| Error::Protocol(format!("disk chunk does not decompress: {e}")))?;
+    let mut b = lock(backend);
+    let end = chunk.offset.checked_add(data.len() as u64);
+    if end.is_none_or(|e| e > b.size()) {
+        return Err(Error::Protocol(format!(
+            "disk {} here is {} bytes, smaller than the primary's (give a copy of the same size)",
+            chunk.disk,
+            b.size()
+        )));
+    }
+    b.write_at(&data, chunk.offset).map_err(|e| {
+        Error::Io(format!(
+            "backup disk {} write at {}: {e}",
+            chunk.disk, chunk.offset
+        ))
+    })
+}
+
 /// Verifies a checkpoint completely, then applies it: pages, disk writes, state.
 fn commit(standby: &mut Standby, payload: &[u8]) -> Result<u64, Error> {
     let cp: Checkpoint = protocol::decode(payload)?;
@@ -214,7 +242,8 @@ fn commit(standby: &mut Standby, payload: &[u8]) -> Result<u64, Error> {
     // Everything is verified: apply.
     pages::apply(standby.vm.memory(), &cp.pages.addrs, &data)?;
     for (backend, writes) in standby.vm.disk_backends().iter().zip(&cp.disk_writes) {
-        if writes.is_empty() {
+        // The first commit also makes the initial disk sync durable.
+        if writes.is_empty() && cp.epoch > 1 {
             continue;
         }
         let mut b = lock(backend);

@@ -32,6 +32,9 @@ pub struct FtOptions {
     pub timeout: Duration,
     /// How long to keep trying to reach the backup at start.
     pub connect_timeout: Duration,
+    /// Copy every disk to the backup during the initial sync (off only when the volumes are
+    /// known to be identical, e.g. freshly mirrored and not yet used).
+    pub sync_disks: bool,
 }
 
 impl FtOptions {
@@ -44,6 +47,7 @@ impl FtOptions {
             max_interval: Duration::from_millis(20),
             timeout: Duration::from_millis(100),
             connect_timeout: Duration::from_secs(30),
+            sync_disks: true,
         }
     }
 }
@@ -57,15 +61,19 @@ const PRECOPY_ROUNDS: usize = 8;
 
 /// Starts protecting `vm` (already running or about to run) on a new thread.
 ///
-/// Call before `vm.start()`: disk writes are recorded from the first guest instruction, so the
-/// backup's disks (copies of the primary's at start) stay in step.
+/// Disks are copied to the backup during the initial sync (writes meanwhile travel with the first
+/// checkpoint). With `sync_disks` off, call this before `vm.start()`: writes are then recorded
+/// from the first guest instruction, and the backup's volumes must equal the primary's at start.
 pub fn start_primary(
     vm: Arc<Vm>,
     opts: FtOptions,
     status: Arc<FtStatus>,
 ) -> std::io::Result<JoinHandle<()>> {
-    for log in vm.disk_logs() {
-        log.enable();
+    if !opts.sync_disks {
+        // The volumes are identical now: every write from here on must reach the backup.
+        for log in vm.disk_logs() {
+            log.enable();
+        }
     }
     std::thread::Builder::new()
         .name("ft-primary".into())
@@ -110,6 +118,14 @@ impl Primary {
         );
         let mut link = self.connect()?;
         self.handshake(&mut link)?;
+        if self.opts.sync_disks {
+            self.status.set_state(FtState::Syncing, "copying disks");
+            // Writes from here on reach the backup with the first checkpoint, after the copy.
+            for log in self.vm.disk_logs() {
+                log.enable();
+            }
+            self.sync_disks(&mut link)?;
+        }
         self.status.set_state(FtState::Syncing, "copying memory");
         self.precopy(&mut link)?;
 
@@ -342,6 +358,32 @@ impl Primary {
             .get_ref()
             .set_read_timeout(Some(self.opts.timeout))
             .map_err(|e| Error::Io(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Copies every disk while the guest runs; its writes meanwhile are in the disk logs (enabled
+    /// before this) and reach the backup with the first checkpoint.
+    fn sync_disks(&mut self, link: &mut Link) -> Result<(), Error> {
+        const CHUNK: usize = 1 << 20;
+        let mut buf = vec![0u8; CHUNK];
+        for (disk, backend) in self.vm.disk_backends().iter().enumerate() {
+            let size = vmm::devices::lock(backend).size();
+            let mut offset = 0u64;
+            while offset < size {
+                let n = (size - offset).min(CHUNK as u64) as usize;
+                vmm::devices::lock(backend)
+                    .read_at(&mut buf[..n], offset)
+                    .map_err(|e| Error::Io(format!("cannot read disk {disk} at {offset}: {e}")))?;
+                let chunk = protocol::DiskChunk {
+                    disk: disk as u32,
+                    offset,
+                    lz4: lz4_flex::block::compress_prepend_size(&buf[..n]),
+                };
+                self.tx
+                    .send(&mut link.w, Kind::Disk, &protocol::encode(&chunk)?)?;
+                offset += n as u64;
+            }
+        }
         Ok(())
     }
 

@@ -35,6 +35,18 @@ pub struct Checkpoint {
     pub output: Vec<Vec<Vec<u8>>>,
 }
 
+/// Primary → backup during the initial sync: one chunk of one disk. Writes the guest makes
+/// meanwhile are logged and travel with the first checkpoint, so the result is consistent.
+#[derive(Serialize, Deserialize)]
+pub struct DiskChunk {
+    /// Disk index in the VM's order.
+    pub disk: u32,
+    /// Byte offset.
+    pub offset: u64,
+    /// LZ4 block (size-prefixed) of the chunk.
+    pub lz4: Vec<u8>,
+}
+
 /// Backup → primary: checkpoint `epoch` is committed.
 #[derive(Serialize, Deserialize)]
 pub struct Ack {

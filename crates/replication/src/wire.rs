@@ -47,6 +47,8 @@ pub enum Kind {
     Heartbeat = 7,
     /// Either side: orderly end of protection.
     Bye = 8,
+    /// Primary → backup: a chunk of a disk during the initial sync.
+    Disk = 9,
 }
 
 impl Kind {
@@ -60,6 +62,7 @@ impl Kind {
             6 => Kind::Ack,
             7 => Kind::Heartbeat,
             8 => Kind::Bye,
+            9 => Kind::Disk,
             _ => return None,
         })
     }
