@@ -13,6 +13,20 @@ fn have(tool: &str) -> bool {
     Command::new(tool).arg("--version").output().is_ok()
 }
 
+/// The host's TSC rate in kHz, from /proc/cpuinfo's "cpu MHz".
+fn host_tsc_khz() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = info
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0) as u64)
+}
+
 #[test]
 fn image_boots_to_exec_under_qemu_tcg() {
     if !have("qemu-system-x86_64") {
@@ -37,8 +51,13 @@ fn image_boots_to_exec_under_qemu_tcg() {
         use base64::Engine;
         base64::engine::general_purpose::STANDARD.encode(exec.as_bytes())
     };
+    // Under TCG on a busy machine the kernel's TSC calibration against the PIT can fail and
+    // leave it without a usable clock; TCG's TSC is the host's, so tell the kernel its rate.
+    let tsc = host_tsc_khz()
+        .map(|khz| format!(" tsc_early_khz={khz}"))
+        .unwrap_or_default();
     let append = format!(
-        "console=ttyS0 panic=-1 ftvm.ip=10.0.2.15/24 ftvm.gw=10.0.2.2 ftvm.exec={exec_b64}"
+        "console=ttyS0 panic=-1 ftvm.ip=10.0.2.15/24 ftvm.gw=10.0.2.2 ftvm.exec={exec_b64}{tsc}"
     );
     let start = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
