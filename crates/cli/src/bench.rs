@@ -30,6 +30,18 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Storage: mirrored vs local writes, resync vs a raw copy, qcow2 vs raw random reads.
+    Storage {
+        /// Disk size used by each measurement, e.g. 256M.
+        #[arg(long, value_parser = storage::size::parse_size, default_value = "256M")]
+        size: u64,
+        /// Directory for the scratch files (default: a temporary directory).
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+        /// Print one JSON object on the last line.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Runs one `ftvm bench` subcommand; returns the process exit status.
@@ -38,5 +50,6 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<i32> {
         BenchCommand::Boot { runs, json } => crate::bench_vm::boot(runs, json),
         BenchCommand::Pause { cycles, json } => crate::bench_vm::pause(cycles, json),
         BenchCommand::Ft { json } => crate::bench_ft::run(json),
+        BenchCommand::Storage { size, dir, json } => crate::bench_storage::run(size, dir, json),
     }
 }

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_ft;
+mod bench_storage;
 mod bench_vm;
 mod demo;
 mod image;

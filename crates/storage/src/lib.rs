@@ -1,10 +1,19 @@
-//! ftvm storage: the block-device trait the monitor's virtio-blk uses, and its backends.
+//! ftvm storage: the block-device trait the monitor's virtio-blk uses, its backends (raw,
+//! qcow2), volumes in pools, and synchronous two-node mirroring.
 
+pub mod fault;
+pub mod mirror;
+pub mod pool;
+pub mod qcow2;
 pub mod raw;
+pub mod size;
 
+use std::fs::File;
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+pub use qcow2::Qcow2;
 pub use raw::RawFile;
 
 /// A virtual disk as the monitor sees it: a byte-addressable device of fixed size.
@@ -44,7 +53,56 @@ pub enum OpenError {
     },
 }
 
-/// Opens a disk image, detecting its format (raw for now; qcow2 is detected by its magic).
+/// On-disk image formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    /// Byte `n` of the disk is byte `n` of the file.
+    Raw,
+    /// QEMU copy-on-write v2/v3.
+    Qcow2,
+}
+
+impl std::fmt::Display for ImageFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+        })
+    }
+}
+
+impl std::str::FromStr for ImageFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "raw" => Ok(ImageFormat::Raw),
+            "qcow2" => Ok(ImageFormat::Qcow2),
+            _ => Err(format!("unknown format {s:?}; use raw or qcow2")),
+        }
+    }
+}
+
+/// Detects the format of the image at `path` by its magic (anything not qcow2 is raw).
+pub fn detect_format(path: &Path) -> io::Result<ImageFormat> {
+    let f = File::open(path)?;
+    let mut magic = [0u8; 4];
+    let n = f.read_at(&mut magic, 0)?;
+    Ok(if n == 4 && magic == qcow2::QCOW2_MAGIC {
+        ImageFormat::Qcow2
+    } else {
+        ImageFormat::Raw
+    })
+}
+
+/// Opens a disk image, detecting its format: qcow2 by its magic, anything else as raw.
 pub fn open_backend(path: &Path, read_only: bool) -> Result<Box<dyn BlockBackend>, OpenError> {
-    Ok(Box::new(RawFile::open(path, read_only)?))
+    let format = detect_format(path).map_err(|source| OpenError::Open {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok(match format {
+        ImageFormat::Qcow2 => Box::new(Qcow2::open(path, read_only)?),
+        ImageFormat::Raw => Box::new(RawFile::open(path, read_only)?),
+    })
 }
