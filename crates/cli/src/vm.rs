@@ -122,7 +122,8 @@ pub struct RunArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 512)]
     pub mem: u64,
-    /// A disk: PATH[,readonly]. Repeat for more.
+    /// A disk: PATH[,readonly][,mirror=ADDR:PORT] (mirror: synchronous copy to
+    /// `ftvm volume mirror-serve` on the peer node). Repeat for more.
     #[arg(long = "disk")]
     pub disks: Vec<String>,
     /// A network interface: tap=NAME[,mac=MAC]. Repeat for more.
@@ -235,15 +236,20 @@ fn parse_disk(s: &str) -> anyhow::Result<DiskConfig> {
         .filter(|p| !p.is_empty())
         .context("--disk needs a path: --disk PATH[,readonly]")?;
     let mut read_only = false;
+    let mut mirror = None;
     for opt in parts {
-        match opt {
-            "readonly" | "ro" => read_only = true,
-            other => bail!("unknown --disk option {other:?}: use --disk PATH[,readonly]"),
+        match opt.split_once('=') {
+            None if opt == "readonly" || opt == "ro" => read_only = true,
+            Some(("mirror", peer)) if !peer.is_empty() => mirror = Some(peer.to_string()),
+            _ => bail!(
+                "unknown --disk option {opt:?}: use --disk PATH[,readonly][,mirror=ADDR:PORT]"
+            ),
         }
     }
     Ok(DiskConfig {
         path: PathBuf::from(path),
         read_only,
+        mirror,
     })
 }
 

@@ -16,6 +16,9 @@ pub struct DiskConfig {
     pub path: PathBuf,
     /// Refuse guest writes.
     pub read_only: bool,
+    /// Mirror every write synchronously to `ftvm volume mirror-serve` at this ADDR:PORT (HA).
+    #[serde(default)]
+    pub mirror: Option<String>,
 }
 
 /// A virtio-net interface.

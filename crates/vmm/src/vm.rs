@@ -121,16 +121,38 @@ struct OpenedDevices {
 fn open_devices(config: &VmConfig) -> Result<OpenedDevices, Error> {
     let mut disks = Vec::new();
     for d in &config.disks {
-        disks.push(
-            storage::open_backend(&d.path, d.read_only)
-                .map_err(|e| Error::Device(e.to_string()))?,
-        );
+        let local = storage::open_backend(&d.path, d.read_only)
+            .map_err(|e| Error::Device(e.to_string()))?;
+        disks.push(match &d.mirror {
+            Some(peer) => open_mirrored(local, &d.path, peer)?,
+            None => local,
+        });
     }
     let mut taps = Vec::new();
     for n in &config.nets {
         taps.push(Tap::open(&n.tap).map_err(|e| Error::Device(e.to_string()))?);
     }
     Ok(OpenedDevices { disks, taps })
+}
+
+/// Wraps a disk in synchronous mirroring to `peer`. The volume name the peer checks is the
+/// file's stem, and the bitmap and state files sit beside it, as in a storage pool.
+fn open_mirrored(
+    local: Box<dyn storage::BlockBackend>,
+    path: &std::path::Path,
+    peer: &str,
+) -> Result<Box<dyn storage::BlockBackend>, Error> {
+    let name = path.file_stem().and_then(|n| n.to_str()).unwrap_or("disk");
+    let side = |suffix: &str| path.with_file_name(format!("{name}.{suffix}"));
+    let mut cfg = storage::mirror::MirrorConfig::new(peer, name, side("mirror-bitmap"));
+    cfg.state_path = Some(side("mirror-state.json"));
+    let m = storage::mirror::MirroredBackend::open(local, cfg).map_err(|e| {
+        Error::Device(format!(
+            "cannot mirror disk {} to {peer}: {e}",
+            path.display()
+        ))
+    })?;
+    Ok(Box::new(m))
 }
 
 fn open_console(config: &ConsoleConfig) -> Result<Box<dyn Write + Send>, Error> {
