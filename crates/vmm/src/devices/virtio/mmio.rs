@@ -2,7 +2,6 @@
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{DeviceSnapshot, VirtioDevice};
@@ -305,20 +304,6 @@ impl MmioTransport {
         self.config_generation = self.config_generation.wrapping_add(1);
         self.interrupt_status |= INT_CONFIG;
         let _ = self.irq.write(1);
-    }
-
-    /// The guest memory the device works on.
-    pub fn memory(&self) -> &GuestMemory {
-        &self.mem
-    }
-
-    /// Whether every ready queue's rings lie inside guest memory.
-    pub fn queues_valid(&self) -> bool {
-        use vm_memory::GuestMemoryBackend;
-        self.queues.iter().filter(|q| q.ready()).all(|q| {
-            self.mem.address_in_range(GuestAddress(q.desc_table()))
-                && self.mem.address_in_range(GuestAddress(q.used_ring()))
-        })
     }
 }
 
