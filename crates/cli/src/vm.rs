@@ -538,7 +538,7 @@ fn backup_vm(args: BackupArgs) -> anyhow::Result<i32> {
                 }
                 None => status,
             };
-            match supervise_started(vm, args.api_sock.as_deref(), Some(status))? {
+            match supervise_started(vm, args.api_sock.as_deref(), Some(status), false)? {
                 Some(code) => Ok(code),
                 None => {
                     bail!("the guest rebooted after failover; start it again with `ftvm vm run`")
@@ -601,14 +601,7 @@ fn supervise(
         vm.start()?;
     }
     announce(&vm);
-    let server = match api_sock {
-        Some(p) => Some(api::serve(
-            p,
-            Arc::new(VmControl::new(vm.clone(), ft, start_paused)),
-        )?),
-        None => None,
-    };
-    wait_end(vm, server)
+    supervise_started(vm, api_sock, ft, start_paused)
 }
 
 /// Tells the LAN where the guest's MACs now are (a RARP broadcast per NIC), so switches that
@@ -619,23 +612,25 @@ fn announce(vm: &Vm) {
     }
 }
 
-/// Runs an already started `vm` until it ends.
+/// Runs an already started `vm` until it ends, serving its control API meanwhile;
+/// `operator_paused` says the VM was started paused on the operator's behalf.
 fn supervise_started(
     vm: Arc<Vm>,
     api_sock: Option<&Path>,
     ft: Option<Arc<replication::FtStatus>>,
+    operator_paused: bool,
 ) -> anyhow::Result<Option<i32>> {
-    let server = match api_sock {
+    let _server = match api_sock {
         Some(p) => Some(api::serve(
             p,
-            Arc::new(VmControl::new(vm.clone(), ft, false)),
+            Arc::new(VmControl::new(vm.clone(), ft, operator_paused)),
         )?),
         None => None,
     };
-    wait_end(vm, server)
+    wait_end(vm)
 }
 
-fn wait_end(vm: Arc<Vm>, _server: Option<api::ApiServer>) -> anyhow::Result<Option<i32>> {
+fn wait_end(vm: Arc<Vm>) -> anyhow::Result<Option<i32>> {
     let reason = loop {
         if let Some(r) = vm.wait_exit(Duration::from_millis(500)) {
             break r;

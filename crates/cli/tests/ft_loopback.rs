@@ -2,18 +2,17 @@
 //! continues on the backup after SIGKILL of the primary; a lost backup leaves the primary
 //! running, degraded, with its output flowing. Needs root and /dev/kvm.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::TcpStream;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
+use testbed::args as s;
+use testbed::counter_values as counts;
+use testbed::ft::{wait_ft_state, wait_path};
+use testbed::kv::KvClient;
 use testbed::{can_run_vms, Monitor, Scratch, TapDevice};
 
 const SECRET: &str = "ftvm-test-secret-0123456789";
-
-fn s(v: &[&str]) -> Vec<String> {
-    v.iter().map(|x| x.to_string()).collect()
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -21,28 +20,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-fn counts(text: &str) -> Vec<u64> {
-    text.split_inclusive('\n')
-        .filter(|l| l.ends_with('\n'))
-        .filter_map(|l| l.trim().strip_prefix("counter "))
-        .filter_map(|n| n.trim().parse().ok())
-        .collect()
-}
-
-fn wait_state(m: &Monitor, state: &str, timeout: Duration) -> serde_json::Value {
-    let t0 = Instant::now();
-    loop {
-        if let Ok(v) = m.api("GET", "/status", None) {
-            if v["ft"]["state"] == state {
-                return v;
-            }
-            assert!(t0.elapsed() < timeout, "FT state {state} not reached: {v}");
-        }
-        assert!(t0.elapsed() < timeout, "no FT status within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 struct Pair {
@@ -86,7 +63,7 @@ fn start_pair_via(
     bargs.extend(s(&["--api-sock", &bsock.display().to_string()]));
     bargs.extend_from_slice(backup_net);
     let backup = Monitor::spawn(&bargs, &bcon, Some(&bsock)).unwrap();
-    wait_file(&bsock);
+    wait_path(&bsock, Duration::from_secs(10)).unwrap();
     let (acon, asock) = (dir.path("a.console"), dir.path("a.sock"));
     let mut aargs = s(&[
         "vm",
@@ -110,20 +87,8 @@ fn start_pair_via(
     ]));
     aargs.extend_from_slice(primary_net);
     let primary = Monitor::spawn(&aargs, &acon, Some(&asock)).unwrap();
-    wait_file(&asock);
+    wait_path(&asock, Duration::from_secs(10)).unwrap();
     Pair { primary, backup }
-}
-
-fn wait_file(p: &Path) {
-    let t0 = Instant::now();
-    while !p.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "{} never appeared",
-            p.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 #[test]
@@ -134,7 +99,7 @@ fn counter_continues_on_the_backup_after_sigkill_of_the_primary() {
     }
     let dir = Scratch::new("ft-counter").unwrap();
     let mut pair = start_pair(&dir, "-- counter", &[], &[]);
-    wait_state(&pair.primary, "protected", Duration::from_secs(20));
+    wait_ft_state(&pair.primary, "protected", Duration::from_secs(20)).unwrap();
     pair.primary
         .wait_for("counter 50\n", Duration::from_secs(20))
         .unwrap();
@@ -154,7 +119,7 @@ fn counter_continues_on_the_backup_after_sigkill_of_the_primary() {
     pair.primary.kill9();
     let last_primary = *counts(&pair.primary.console_text()).last().unwrap();
 
-    wait_state(&pair.backup, "failed-over", Duration::from_secs(5));
+    wait_ft_state(&pair.backup, "failed-over", Duration::from_secs(5)).unwrap();
     let target = format!("counter {}\n", last_primary + 20);
     let text = pair
         .backup
@@ -195,23 +160,23 @@ fn lost_backup_leaves_the_primary_running_degraded_with_output_flowing() {
         &s(&["--net", &format!("tap={}", tap_a.name)]),
         &s(&["--net", &format!("tap={}", tap_b.name)]),
     );
-    wait_state(&pair.primary, "protected", Duration::from_secs(20));
-    let c = connect(&format!("{}:7100", tap_a.guest_ip));
-    let mut r = BufReader::new(c.try_clone().unwrap());
-    let mut c = c;
+    wait_ft_state(&pair.primary, "protected", Duration::from_secs(20)).unwrap();
+    let mut c = KvClient::connect(
+        format!("{}:7100", tap_a.guest_ip).parse().unwrap(),
+        Duration::from_secs(5),
+        Duration::from_secs(20),
+    )
+    .unwrap();
     for i in 0..20 {
-        assert_eq!(ask(&mut c, &mut r, &format!("SET a{i} {i}")), "OK");
+        assert_eq!(c.ask(&format!("SET a{i} {i}")).unwrap(), "OK");
     }
     pair.backup.kill9();
-    let st = wait_state(&pair.primary, "degraded", Duration::from_secs(5));
+    let st = wait_ft_state(&pair.primary, "degraded", Duration::from_secs(5)).unwrap();
     assert_eq!(st["state"], "running");
     // Output keeps flowing, on the same connection.
     for i in 0..20 {
-        assert_eq!(
-            ask(&mut c, &mut r, &format!("GET a{i}")),
-            format!("VALUE {i}")
-        );
-        assert_eq!(ask(&mut c, &mut r, &format!("SET b{i} {i}")), "OK");
+        assert_eq!(c.ask(&format!("GET a{i}")).unwrap(), format!("VALUE {i}"));
+        assert_eq!(c.ask(&format!("SET b{i} {i}")).unwrap(), "OK");
     }
 }
 
@@ -305,14 +270,14 @@ fn damaged_stream_is_refused_and_the_backup_resumes_its_last_good_state(damage: 
     let backup_port = free_port();
     let proxy = Proxy::start(backup_port);
     let mut pair = start_pair_via(&dir, "-- dirty 2000 4", &[], &[], backup_port, proxy.port);
-    wait_state(&pair.primary, "protected", Duration::from_secs(20));
+    wait_ft_state(&pair.primary, "protected", Duration::from_secs(20)).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let before = pair.backup.api("GET", "/status", None).unwrap()["ft"]["epoch"]
         .as_u64()
         .unwrap();
     assert!(before > 0);
     proxy.damage(damage);
-    let st = wait_state(&pair.backup, "failed-over", Duration::from_secs(5));
+    let st = wait_ft_state(&pair.backup, "failed-over", Duration::from_secs(5)).unwrap();
     let epoch = st["ft"]["epoch"].as_u64().unwrap();
     assert!(
         epoch >= before,
@@ -329,7 +294,7 @@ fn damaged_stream_is_refused_and_the_backup_resumes_its_last_good_state(damage: 
         pair.backup.api("GET", "/status", None).unwrap()["state"],
         "running"
     );
-    let primary = wait_state(&pair.primary, "degraded", Duration::from_secs(5));
+    let primary = wait_ft_state(&pair.primary, "degraded", Duration::from_secs(5)).unwrap();
     assert_eq!(primary["state"], "running");
 }
 
@@ -349,30 +314,6 @@ fn truncated_frame_is_refused_and_never_applied() {
     );
 }
 
-fn connect(addr: &str) -> TcpStream {
-    let t0 = Instant::now();
-    loop {
-        match TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_millis(500)) {
-            Ok(c) => {
-                c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                return c;
-            }
-            Err(e) => assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "cannot connect to {addr}: {e}"
-            ),
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn ask(c: &mut TcpStream, r: &mut BufReader<TcpStream>, line: &str) -> String {
-    c.write_all(format!("{line}\n").as_bytes()).unwrap();
-    let mut a = String::new();
-    r.read_line(&mut a).unwrap();
-    a.trim_end().to_string()
-}
-
 #[test]
 fn silent_primary_is_declared_lost_after_the_timeout() {
     if !can_run_vms() {
@@ -381,13 +322,13 @@ fn silent_primary_is_declared_lost_after_the_timeout() {
     }
     let dir = Scratch::new("ft-frozen").unwrap();
     let mut pair = start_pair(&dir, "-- counter", &[], &[]);
-    wait_state(&pair.primary, "protected", Duration::from_secs(20));
+    wait_ft_state(&pair.primary, "protected", Duration::from_secs(20)).unwrap();
     std::thread::sleep(Duration::from_millis(200));
     // SIGSTOP: the A-link stays open but nothing arrives any more, as when a host hangs.
     // SAFETY: kill(2) on a child process we own.
     unsafe { libc::kill(pair.primary.pid() as i32, libc::SIGSTOP) };
     let t0 = Instant::now();
-    wait_state(&pair.backup, "failed-over", Duration::from_secs(10));
+    wait_ft_state(&pair.backup, "failed-over", Duration::from_secs(10)).unwrap();
     let waited = t0.elapsed();
     assert!(
         waited >= Duration::from_millis(1500),
@@ -426,7 +367,7 @@ fn disks_are_copied_and_writes_travel_with_checkpoints_to_the_backup_disk() {
     pair.primary
         .wait_for("blk-pattern ok sectors=1024", Duration::from_secs(20))
         .unwrap();
-    wait_state(&pair.primary, "protected", Duration::from_secs(20));
+    wait_ft_state(&pair.primary, "protected", Duration::from_secs(20)).unwrap();
     // Let a checkpoint cover the last writes, then lose the primary.
     let epoch = pair.primary.api("GET", "/status", None).unwrap()["ft"]["epoch"]
         .as_u64()
@@ -444,7 +385,7 @@ fn disks_are_copied_and_writes_travel_with_checkpoints_to_the_backup_disk() {
         std::thread::sleep(Duration::from_millis(10));
     }
     pair.primary.kill9();
-    wait_state(&pair.backup, "failed-over", Duration::from_secs(5));
+    wait_ft_state(&pair.backup, "failed-over", Duration::from_secs(5)).unwrap();
     let a = std::fs::read(&disk_a).unwrap();
     let b = std::fs::read(&disk_b).unwrap();
     assert!(
@@ -465,7 +406,7 @@ fn an_operator_pause_holds_while_checkpoints_continue() {
     }
     let dir = Scratch::new("ft-pause").unwrap();
     let mut pair = start_pair(&dir, "-- counter", &[], &[]);
-    wait_state(&pair.primary, "protected", Duration::from_secs(20));
+    wait_ft_state(&pair.primary, "protected", Duration::from_secs(20)).unwrap();
     pair.primary
         .wait_for("counter 20\n", Duration::from_secs(20))
         .unwrap();
@@ -508,13 +449,13 @@ fn the_surviving_node_protects_the_guest_again_with_a_new_backup() {
     let new_backup_port = free_port();
     let reprotect = format!("127.0.0.1:{new_backup_port}");
     let mut pair = start_pair(&dir, "-- counter", &[], &s(&["--reprotect-to", &reprotect]));
-    wait_state(&pair.primary, "protected", Duration::from_secs(20));
+    wait_ft_state(&pair.primary, "protected", Duration::from_secs(20)).unwrap();
     pair.primary
         .wait_for("counter 10\n", Duration::from_secs(20))
         .unwrap();
     pair.primary.kill9();
     // Node B runs the guest and waits for a backup to protect it again.
-    let st = wait_state(&pair.backup, "syncing", Duration::from_secs(10));
+    let st = wait_ft_state(&pair.backup, "syncing", Duration::from_secs(10)).unwrap();
     assert_eq!(st["ft"]["role"], "primary", "{st}");
 
     let (ccon, csock) = (dir.path("c.console"), dir.path("c.sock"));
@@ -533,8 +474,8 @@ fn the_surviving_node_protects_the_guest_again_with_a_new_backup() {
         &csock.display().to_string(),
     ]));
     let mut c = Monitor::spawn(&cargs, &ccon, Some(&csock)).unwrap();
-    wait_file(&csock);
-    wait_state(&pair.backup, "protected", Duration::from_secs(20));
+    wait_path(&csock, Duration::from_secs(10)).unwrap();
+    wait_ft_state(&pair.backup, "protected", Duration::from_secs(20)).unwrap();
     let b_text = pair
         .backup
         .wait_for("counter", Duration::from_secs(5))
@@ -545,7 +486,7 @@ fn the_surviving_node_protects_the_guest_again_with_a_new_backup() {
         .wait_for(&format!("counter {target}\n"), Duration::from_secs(20))
         .unwrap();
     pair.backup.kill9();
-    wait_state(&c, "failed-over", Duration::from_secs(5));
+    wait_ft_state(&c, "failed-over", Duration::from_secs(5)).unwrap();
     let last_b = *counts(&pair.backup.console_text()).last().unwrap();
     let c_text = c
         .wait_for(

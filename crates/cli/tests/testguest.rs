@@ -1,12 +1,13 @@
 //! The monitor running ftvm's test guest for real: console, disk, network, snapshot/restore.
 //! Needs root and /dev/kvm (the suite's `.ci/run` runs as root).
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
-use std::path::Path;
 use std::time::Duration;
 
 use serde_json::json;
+use testbed::args as s;
+use testbed::counter_values as counts;
+use testbed::ft::wait_path;
+use testbed::kv::KvClient;
 use testbed::{can_run_vms, Monitor, Scratch, TapDevice};
 
 const BOOT: Duration = Duration::from_secs(20);
@@ -21,10 +22,6 @@ fn require_kvm() -> bool {
         "build the test guest first: cargo build --workspace"
     );
     true
-}
-
-fn s(v: &[&str]) -> Vec<String> {
-    v.iter().map(|x| x.to_string()).collect()
 }
 
 /// Starts the test guest with `job`, extra args, console in `dir`.
@@ -47,26 +44,6 @@ fn start(dir: &Scratch, name: &str, cmdline: &str, extra: &[String]) -> Monitor 
     Monitor::spawn(&args, &console, Some(&sock)).expect("start monitor")
 }
 
-/// The numbers of all `counter N` lines, in order.
-/// The numbers of all complete `counter N` lines, in order.
-fn counts(text: &str) -> Vec<u64> {
-    text.split_inclusive('\n')
-        .filter(|l| l.ends_with('\n'))
-        .filter_map(|l| l.trim().strip_prefix("counter "))
-        .filter_map(|n| n.trim().parse().ok())
-        .collect()
-}
-
-fn wait_sock(p: &Path) {
-    for _ in 0..500 {
-        if p.exists() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("API socket {} never appeared", p.display());
-}
-
 #[test]
 fn counter_continues_after_snapshot_and_restore_in_new_process() {
     if !require_kvm() {
@@ -76,7 +53,7 @@ fn counter_continues_after_snapshot_and_restore_in_new_process() {
     // Two vCPUs: the second waits for a SIPI that never comes; its state must survive too.
     let mut vm = start(&dir, "a", "-- counter", &s(&["--vcpus", "2"]));
     vm.wait_for("counter 30\n", BOOT).unwrap();
-    wait_sock(vm.api_sock.as_deref().unwrap());
+    wait_path(vm.api_sock.as_deref().unwrap(), Duration::from_secs(5)).unwrap();
     vm.api("POST", "/pause", None).unwrap();
     let before = vm.api("GET", "/memory-checksum", None).unwrap()["crc32"]
         .as_u64()
@@ -104,7 +81,7 @@ fn counter_continues_after_snapshot_and_restore_in_new_process() {
     args.extend(s(&["--console", &format!("file:{}", console_b.display())]));
     args.extend(s(&["--api-sock", &sock_b.display().to_string()]));
     let mut restored = Monitor::spawn(&args, &console_b, Some(&sock_b)).unwrap();
-    wait_sock(&sock_b);
+    wait_path(&sock_b, Duration::from_secs(5)).unwrap();
     let after = restored.api("GET", "/memory-checksum", None).unwrap()["crc32"]
         .as_u64()
         .unwrap();
@@ -186,27 +163,13 @@ fn read_only_disk_refuses_guest_writes() {
     assert!(std::fs::read(&disk).unwrap().iter().all(|&b| b == 0));
 }
 
-fn line_client(addr: &str) -> (TcpStream, BufReader<TcpStream>) {
-    let mut last = None;
-    for _ in 0..100 {
-        match TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_millis(500)) {
-            Ok(c) => {
-                c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-                let r = BufReader::new(c.try_clone().unwrap());
-                return (c, r);
-            }
-            Err(e) => last = Some(e),
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("cannot connect to {addr}: {last:?}");
-}
-
-fn ask(c: &mut TcpStream, r: &mut BufReader<TcpStream>, line: &str) -> String {
-    c.write_all(format!("{line}\n").as_bytes()).unwrap();
-    let mut answer = String::new();
-    r.read_line(&mut answer).unwrap();
-    answer.trim_end().to_string()
+fn line_client(addr: &str) -> KvClient {
+    KvClient::connect(
+        addr.parse().unwrap(),
+        Duration::from_secs(10),
+        Duration::from_secs(10),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -224,17 +187,17 @@ fn tcp_echo_over_a_tap() {
         &s(&["--net", &format!("tap={}", tap.name)]),
     );
     vm.wait_for("job tcp-echo running", BOOT).unwrap();
-    let (mut c, mut r) = line_client(&format!("{}:7000", tap.guest_ip));
+    let mut c = line_client(&format!("{}:7000", tap.guest_ip));
     for i in 0..50 {
         let msg = format!("hello {i}:{}", "x".repeat(i * 20));
-        assert_eq!(ask(&mut c, &mut r, &msg), msg);
+        assert_eq!(c.ask(&msg).unwrap(), msg);
     }
     // Several connections at once.
     let mut conns: Vec<_> = (0..4)
         .map(|_| line_client(&format!("{}:7000", tap.guest_ip)))
         .collect();
-    for (i, (c, r)) in conns.iter_mut().enumerate() {
-        assert_eq!(ask(c, r, &format!("conn {i}")), format!("conn {i}"));
+    for (i, c) in conns.iter_mut().enumerate() {
+        assert_eq!(c.ask(&format!("conn {i}")).unwrap(), format!("conn {i}"));
     }
 }
 
@@ -251,12 +214,12 @@ fn kv_data_survives_snapshot_and_restore() {
     vm.wait_for("job kv running", BOOT).unwrap();
     let addr = format!("{}:7001", tap.guest_ip);
     {
-        let (mut c, mut r) = line_client(&addr);
-        assert_eq!(ask(&mut c, &mut r, "GET nothing"), "NOTFOUND");
+        let mut c = line_client(&addr);
+        assert_eq!(c.ask("GET nothing").unwrap(), "NOTFOUND");
         for i in 0..100 {
-            assert_eq!(ask(&mut c, &mut r, &format!("SET key{i} value-{i}")), "OK");
+            assert_eq!(c.ask(&format!("SET key{i} value-{i}")).unwrap(), "OK");
         }
-        assert!(ask(&mut c, &mut r, "BOGUS").starts_with("ERR"));
+        assert!(c.ask("BOGUS").unwrap().starts_with("ERR"));
     }
     let snap = dir.path("kv.snap");
     vm.api("POST", "/snapshot", Some(json!({ "path": snap })))
@@ -274,10 +237,10 @@ fn kv_data_survives_snapshot_and_restore() {
     ]);
     args.extend(s(&["--console", &format!("file:{}", console_b.display())]));
     let _restored = Monitor::spawn(&args, &console_b, None).unwrap();
-    let (mut c, mut r) = line_client(&addr);
+    let mut c = line_client(&addr);
     for i in 0..100 {
         assert_eq!(
-            ask(&mut c, &mut r, &format!("GET key{i}")),
+            c.ask(&format!("GET key{i}")).unwrap(),
             format!("VALUE value-{i}")
         );
     }

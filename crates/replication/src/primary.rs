@@ -426,7 +426,7 @@ impl Primary {
                     .memory()
                     .read_slice(&mut buf, GuestAddress(a))
                     .map_err(|e| Error::Io(format!("cannot read guest page {a:#x}: {e}")))?;
-                if skip_zero && buf.iter().all(|&b| b == 0) {
+                if skip_zero && vmm::snapshot::is_zero(&buf) {
                     continue; // the standby's memory starts zeroed
                 }
                 keep.push(a);

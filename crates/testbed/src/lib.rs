@@ -37,6 +37,21 @@ pub fn testguest_bin() -> PathBuf {
     bin_dir().join("testguest")
 }
 
+/// Owned strings from string slices (argument lists for `ftvm`).
+pub fn args(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+/// The numbers of all complete `counter N` lines of a test-guest console, in order (a line
+/// still being printed does not count).
+pub fn counter_values(text: &str) -> Vec<u64> {
+    text.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .filter_map(|l| l.trim().strip_prefix("counter "))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
 /// Whether this process may use KVM and create taps (root with /dev/kvm).
 pub fn can_run_vms() -> bool {
     // SAFETY: geteuid has no preconditions.

@@ -68,8 +68,6 @@ pub enum KernelKind {
 pub struct BootInfo {
     /// Guest-physical entry point.
     pub entry: u64,
-    /// Which loader was used.
-    pub kind: KernelKind,
 }
 
 fn mem_err(e: impl std::fmt::Display) -> BootError {
@@ -93,10 +91,12 @@ pub fn is_elf(path: &Path) -> Result<bool, BootError> {
 }
 
 /// Loads kernel, initrd and command line into `mem` and writes the zero page, the GDT and the
-/// boot page tables. `rsdp` is the ACPI RSDP address, if tables were written.
+/// boot page tables. `kind` is what [`is_elf`] said of `kernel`; `rsdp` is the ACPI RSDP address,
+/// if tables were written.
 pub fn load_guest(
     mem: &GuestMemory,
     kernel: &Path,
+    kind: KernelKind,
     initrd: Option<&Path>,
     cmdline: &str,
     rsdp: Option<GuestAddress>,
@@ -115,12 +115,11 @@ pub fn load_guest(
     };
 
     let mut params = boot_params::default();
-    let info = if is_elf(kernel)? {
+    let info = if kind == KernelKind::Elf {
         let res =
             Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
         BootInfo {
             entry: res.kernel_load.raw_value(),
-            kind: KernelKind::Elf,
         }
     } else {
         let res = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
@@ -139,7 +138,6 @@ pub fn load_guest(
         // The 64-bit entry point is 0x200 bytes into the protected-mode code.
         BootInfo {
             entry: res.kernel_load.raw_value() + 0x200,
-            kind: KernelKind::BzImage,
         }
     };
 

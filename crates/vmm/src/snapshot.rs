@@ -132,7 +132,8 @@ fn read_page(mem: &GuestMemory, addr: u64, buf: &mut [u8]) -> Result<(), Error> 
         .map_err(|e| Error::Snapshot(format!("cannot read guest page {addr:#x}: {e}")))
 }
 
-fn is_zero(page: &[u8]) -> bool {
+/// Whether a page holds only zero bytes.
+pub fn is_zero(page: &[u8]) -> bool {
     page.chunks_exact(8).all(|c| c == [0u8; 8])
 }
 

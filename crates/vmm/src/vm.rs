@@ -218,6 +218,7 @@ impl Vm {
         let info = boot::load_guest(
             &vm.mem,
             &config.kernel,
+            kind,
             config.initrd.as_deref(),
             &cmdline,
             rsdp,
