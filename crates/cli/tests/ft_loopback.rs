@@ -10,7 +10,7 @@ use testbed::args as s;
 use testbed::counter_values as counts;
 use testbed::ft::{wait_ft_state, wait_path};
 use testbed::kv::KvClient;
-use testbed::{can_run_vms, Monitor, Scratch, TapDevice};
+use testbed::{Monitor, Scratch, TapDevice};
 
 const SECRET: &str = "ftvm-test-secret-0123456789";
 
@@ -93,10 +93,7 @@ fn start_pair_via(
 
 #[test]
 fn counter_continues_on_the_backup_after_sigkill_of_the_primary() {
-    if !can_run_vms() {
-        eprintln!("skipped: needs root and /dev/kvm");
-        return;
-    }
+    testbed::require_vms();
     let dir = Scratch::new("ft-counter").unwrap();
     let mut pair = start_pair(&dir, "-- counter", &[], &[]);
     wait_ft_state(&pair.primary, "protected", Duration::from_secs(20)).unwrap();
@@ -146,10 +143,7 @@ fn counter_continues_on_the_backup_after_sigkill_of_the_primary() {
 
 #[test]
 fn lost_backup_leaves_the_primary_running_degraded_with_output_flowing() {
-    if !can_run_vms() {
-        eprintln!("skipped: needs root and /dev/kvm");
-        return;
-    }
+    testbed::require_vms();
     let dir = Scratch::new("ft-degraded").unwrap();
     let tap_a = TapDevice::new().unwrap();
     let tap_b = TapDevice::new().unwrap();
@@ -262,10 +256,7 @@ impl Proxy {
 }
 
 fn damaged_stream_is_refused_and_the_backup_resumes_its_last_good_state(damage: Damage, tag: &str) {
-    if !can_run_vms() {
-        eprintln!("skipped: needs root and /dev/kvm");
-        return;
-    }
+    testbed::require_vms();
     let dir = Scratch::new(tag).unwrap();
     let backup_port = free_port();
     let proxy = Proxy::start(backup_port);
@@ -316,10 +307,7 @@ fn truncated_frame_is_refused_and_never_applied() {
 
 #[test]
 fn silent_primary_is_declared_lost_after_the_timeout() {
-    if !can_run_vms() {
-        eprintln!("skipped: needs root and /dev/kvm");
-        return;
-    }
+    testbed::require_vms();
     let dir = Scratch::new("ft-frozen").unwrap();
     let mut pair = start_pair(&dir, "-- counter", &[], &[]);
     wait_ft_state(&pair.primary, "protected", Duration::from_secs(20)).unwrap();
@@ -347,10 +335,7 @@ fn silent_primary_is_declared_lost_after_the_timeout() {
 
 #[test]
 fn disks_are_copied_and_writes_travel_with_checkpoints_to_the_backup_disk() {
-    if !can_run_vms() {
-        eprintln!("skipped: needs root and /dev/kvm");
-        return;
-    }
+    testbed::require_vms();
     let dir = Scratch::new("ft-disk").unwrap();
     let (disk_a, disk_b) = (dir.path("a.img"), dir.path("b.img"));
     // The volumes differ at the start: protection copies the primary's disk to the backup.
@@ -400,10 +385,7 @@ fn disks_are_copied_and_writes_travel_with_checkpoints_to_the_backup_disk() {
 
 #[test]
 fn an_operator_pause_holds_while_checkpoints_continue() {
-    if !can_run_vms() {
-        eprintln!("skipped: needs root and /dev/kvm");
-        return;
-    }
+    testbed::require_vms();
     let dir = Scratch::new("ft-pause").unwrap();
     let mut pair = start_pair(&dir, "-- counter", &[], &[]);
     wait_ft_state(&pair.primary, "protected", Duration::from_secs(20)).unwrap();
@@ -441,10 +423,7 @@ fn an_operator_pause_holds_while_checkpoints_continue() {
 
 #[test]
 fn the_surviving_node_protects_the_guest_again_with_a_new_backup() {
-    if !can_run_vms() {
-        eprintln!("skipped: needs root and /dev/kvm");
-        return;
-    }
+    testbed::require_vms();
     let dir = Scratch::new("ft-reprotect").unwrap();
     let new_backup_port = free_port();
     let reprotect = format!("127.0.0.1:{new_backup_port}");

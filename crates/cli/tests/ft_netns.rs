@@ -7,24 +7,21 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use testbed::ft::{self, FtSetup};
-use testbed::{can_run_vms, Scratch, TwoNodeBed};
+use testbed::{Scratch, TwoNodeBed};
 
-fn bed(tag: &str) -> Option<(TwoNodeBed, Scratch)> {
-    if !can_run_vms() {
-        eprintln!("skipped: needs root and /dev/kvm");
-        return None;
-    }
+fn bed(tag: &str) -> (TwoNodeBed, Scratch) {
+    testbed::require_vms();
     let prefix = format!("{tag}{}-", std::process::id() % 100_000);
     let _ = TwoNodeBed::cleanup_stale(&prefix);
-    Some((
+    (
         TwoNodeBed::up(&prefix).expect("test bed"),
         Scratch::new(tag).unwrap(),
-    ))
+    )
 }
 
 #[test]
 fn tcp_connection_survives_failover() {
-    let Some((bed, dir)) = bed("fte") else { return };
+    let (bed, dir) = bed("fte");
     let mut pair = ft::start_pair(&bed, &dir.0, &FtSetup::new("tcp-echo 7000")).unwrap();
     ft::wait_ft_state(&pair.primary, "protected", Duration::from_secs(30)).unwrap();
     let addr = ft::kv_addr(&bed);
@@ -65,7 +62,7 @@ fn tcp_connection_survives_failover() {
 
 #[test]
 fn no_acknowledged_write_is_lost_across_20_failovers() {
-    let Some((bed, dir)) = bed("ftk") else { return };
+    let (bed, dir) = bed("ftk");
     let mut failover_ms = Vec::new();
     for round in 0..20u64 {
         let round_dir = dir.path(&format!("round{round}"));

@@ -7,15 +7,12 @@ mod volume_util;
 use std::path::Path;
 use std::time::Duration;
 
-use testbed::{can_run_vms, Monitor, Scratch};
+use testbed::{Monitor, Scratch};
 use volume_util::*;
 
 #[test]
 fn guest_writes_reach_the_peer_replica_synchronously() {
-    if !can_run_vms() {
-        eprintln!("skipped: needs root and /dev/kvm");
-        return;
-    }
+    testbed::require_vms();
     let d = Scratch::new("mirrored-disk").unwrap();
     let (a, b) = (d.path("node-a"), d.path("node-b"));
     std::fs::create_dir_all(&a).unwrap();

@@ -8,21 +8,9 @@ use testbed::args as s;
 use testbed::counter_values as counts;
 use testbed::ft::wait_path;
 use testbed::kv::KvClient;
-use testbed::{can_run_vms, Monitor, Scratch, TapDevice};
+use testbed::{require_vms, Monitor, Scratch, TapDevice};
 
 const BOOT: Duration = Duration::from_secs(20);
-
-fn require_kvm() -> bool {
-    if !can_run_vms() {
-        eprintln!("skipped: needs root and /dev/kvm");
-        return false;
-    }
-    assert!(
-        testbed::testguest_bin().exists(),
-        "build the test guest first: cargo build --workspace"
-    );
-    true
-}
 
 /// Starts the test guest with `job`, extra args, console in `dir`.
 fn start(dir: &Scratch, name: &str, cmdline: &str, extra: &[String]) -> Monitor {
@@ -46,9 +34,7 @@ fn start(dir: &Scratch, name: &str, cmdline: &str, extra: &[String]) -> Monitor 
 
 #[test]
 fn counter_continues_after_snapshot_and_restore_in_new_process() {
-    if !require_kvm() {
-        return;
-    }
+    require_vms();
     let dir = Scratch::new("snap").unwrap();
     // Two vCPUs: the second waits for a SIPI that never comes; its state must survive too.
     let mut vm = start(&dir, "a", "-- counter", &s(&["--vcpus", "2"]));
@@ -109,9 +95,7 @@ fn counter_continues_after_snapshot_and_restore_in_new_process() {
 
 #[test]
 fn guest_writes_pattern_the_host_reads_from_the_disk_file() {
-    if !require_kvm() {
-        return;
-    }
+    require_vms();
     let dir = Scratch::new("blk").unwrap();
     let disk = dir.path("disk.img");
     std::fs::write(&disk, vec![0u8; 4 << 20]).unwrap();
@@ -140,9 +124,7 @@ fn guest_writes_pattern_the_host_reads_from_the_disk_file() {
 
 #[test]
 fn read_only_disk_refuses_guest_writes() {
-    if !require_kvm() {
-        return;
-    }
+    require_vms();
     let dir = Scratch::new("ro").unwrap();
     let disk = dir.path("disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
@@ -174,9 +156,7 @@ fn line_client(addr: &str) -> KvClient {
 
 #[test]
 fn tcp_echo_over_a_tap() {
-    if !require_kvm() {
-        return;
-    }
+    require_vms();
     let dir = Scratch::new("echo").unwrap();
     let tap = TapDevice::new().unwrap();
     let cmdline = format!("{} -- tcp-echo 7000", tap.guest_cmdline());
@@ -203,9 +183,7 @@ fn tcp_echo_over_a_tap() {
 
 #[test]
 fn kv_data_survives_snapshot_and_restore() {
-    if !require_kvm() {
-        return;
-    }
+    require_vms();
     let dir = Scratch::new("kv").unwrap();
     let tap = TapDevice::new().unwrap();
     let cmdline = format!("{} -- kv 7001", tap.guest_cmdline());
@@ -268,9 +246,7 @@ fn expect_one_line_error(args: &[String], needle: &str) {
 
 #[test]
 fn bad_input_gives_one_clear_error_and_writes_nothing() {
-    if !require_kvm() {
-        return;
-    }
+    require_vms();
     let dir = Scratch::new("bad").unwrap();
     let console = dir.path("console");
     let con = format!("file:{}", console.display());
@@ -396,9 +372,7 @@ fn bad_input_gives_one_clear_error_and_writes_nothing() {
 
 #[test]
 fn guest_power_off_ends_the_monitor_and_reboot_boots_again() {
-    if !require_kvm() {
-        return;
-    }
+    require_vms();
     let dir = Scratch::new("power").unwrap();
     let mut off = start(&dir, "off", "-- poweroff", &[]);
     let status = off.wait_exit(BOOT).unwrap();

@@ -54,9 +54,48 @@ pub fn counter_values(text: &str) -> Vec<u64> {
 
 /// Whether this process may use KVM and create taps (root with /dev/kvm).
 pub fn can_run_vms() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    root && std::path::Path::new("/dev/kvm").exists()
+    netns::is_root() && std::path::Path::new("/dev/kvm").exists()
+}
+
+/// Fails the calling test unless this process may run VMs (root with /dev/kvm).
+///
+/// A test never passes without doing its work: `scripts/test` leaves out the tests a host
+/// cannot run and reports them as SKIPPED (a failure under `CI=true`); a test run by hand
+/// without the capability fails here, saying what it needs.
+pub fn require_vms() {
+    require_root();
+    assert!(
+        std::path::Path::new("/dev/kvm").exists(),
+        "this test needs /dev/kvm (a host with KVM); `sudo ./scripts/test` reports it as \
+         SKIPPED on hosts without it"
+    );
+    assert!(
+        testguest_bin().exists(),
+        "the test guest is not built at {}: run `cargo build --workspace` first",
+        testguest_bin().display()
+    );
+}
+
+/// Fails the calling test unless it runs as root (network namespaces, taps).
+pub fn require_root() {
+    assert!(
+        netns::is_root(),
+        "this test needs root (KVM, taps, network namespaces): run it with `sudo ./scripts/test`"
+    );
+}
+
+/// Fails the calling test unless `tool --version` runs; names the Debian package to install.
+pub fn require_tool(tool: &str, package: &str) {
+    let ok = std::process::Command::new(tool)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "this test needs `{tool}` (Debian package {package}); `sudo ./scripts/setup` installs it"
+    );
 }
 
 /// A unique scratch directory under the system temp dir, removed on drop.

@@ -20,15 +20,12 @@ fn prefix() -> String {
     )
 }
 
-/// A fresh bed, or `None` (test skipped) when not root.
-fn bed() -> Option<TwoNodeBed> {
-    if !netns::is_root() {
-        eprintln!("skipping: the network-namespace test bed needs root");
-        return None;
-    }
+/// A fresh bed (the test fails when not root).
+fn bed() -> TwoNodeBed {
+    testbed::require_root();
     let p = prefix();
     TwoNodeBed::cleanup_stale(&p).unwrap();
-    Some(TwoNodeBed::up(&p).unwrap())
+    TwoNodeBed::up(&p).unwrap()
 }
 
 fn names_listed(prefix: &str) -> Vec<String> {
@@ -75,7 +72,7 @@ fn tcp_round_trip(bed: &TwoNodeBed, server_ns: &str, bind_ip: &str, client_ns: &
 
 #[test]
 fn alink_carries_traffic_both_ways() {
-    let Some(bed) = bed() else { return };
+    let bed = bed();
     tcp_round_trip(&bed, bed.node_b(), bed.alink_ip_b(), bed.node_a());
     tcp_round_trip(&bed, bed.node_a(), bed.alink_ip_a(), bed.node_b());
     // The A-link is not reachable from the client.
@@ -97,7 +94,7 @@ fn alink_carries_traffic_both_ways() {
 
 #[test]
 fn lan_joins_client_and_both_node_bridges() {
-    let Some(bed) = bed() else { return };
+    let bed = bed();
     // A temporary address on a node's bridge stands in for a guest behind it. (One address
     // per node: the client's ARP cache would still point an address moved to the other node
     // at the first bridge's MAC.)
@@ -120,7 +117,7 @@ fn lan_joins_client_and_both_node_bridges() {
 
 #[test]
 fn in_ns_sockets_stay_in_their_namespace() {
-    let Some(bed) = bed() else { return };
+    let bed = bed();
     // 10.99.0.1 exists only in node-a: binding succeeds only there.
     let here = UdpSocket::bind((bed.alink_ip_a(), 0));
     assert!(
@@ -183,7 +180,7 @@ fn proc_state(pid: u32) -> char {
 
 #[test]
 fn kill_node_kills_that_node_only() {
-    let Some(bed) = bed() else { return };
+    let bed = bed();
     let sleep = Path::new("sleep");
     let args = ["1000".to_string()];
     let mut a1 = bed.spawn_in(bed.node_a(), sleep, &args).unwrap();
@@ -217,7 +214,7 @@ fn kill_node_kills_that_node_only() {
 
 #[test]
 fn freeze_and_thaw() {
-    let Some(bed) = bed() else { return };
+    let bed = bed();
     let mut child = bed
         .spawn_in(bed.node_b(), Path::new("sleep"), &["1000".to_string()])
         .unwrap();
@@ -248,7 +245,7 @@ fn freeze_and_thaw() {
 
 #[test]
 fn link_down_cuts_and_link_up_restores() {
-    let Some(bed) = bed() else { return };
+    let bed = bed();
     let listener = bed
         .in_ns(bed.node_b(), || TcpListener::bind((bed.alink_ip_b(), 0)))
         .unwrap()
@@ -308,10 +305,7 @@ fn link_down_cuts_and_link_up_restores() {
 
 #[test]
 fn down_and_drop_leave_nothing() {
-    if !netns::is_root() {
-        eprintln!("skipping: the network-namespace test bed needs root");
-        return;
-    }
+    testbed::require_root();
     // down()
     let p = prefix();
     let bed = TwoNodeBed::up(&p).unwrap();
@@ -370,8 +364,8 @@ fn down_and_drop_leave_nothing() {
 
 #[test]
 fn parallel_beds_do_not_collide() {
-    let Some(one) = bed() else { return };
-    let two = bed().unwrap();
+    let one = bed();
+    let two = bed();
     std::thread::scope(|s| {
         for bed in [&one, &two] {
             s.spawn(move || {
@@ -429,7 +423,7 @@ fn pattern(n: usize) -> Vec<u8> {
 
 #[test]
 fn alink_proxy_forwards_and_corrupts_one_byte() {
-    let Some(bed) = bed() else { return };
+    let bed = bed();
     let got = collector(&bed, "0.0.0.0", 7000);
     let proxy = AlinkProxy::start(&bed, 7001, 7000, Fault::CorruptByteAt(100)).unwrap();
     assert_eq!(proxy.addr().to_string(), "10.99.0.2:7001");
@@ -465,7 +459,7 @@ fn alink_proxy_forwards_and_corrupts_one_byte() {
 
 #[test]
 fn alink_proxy_truncates_and_reaches_loopback_targets() {
-    let Some(bed) = bed() else { return };
+    let bed = bed();
     // A target listening on node-b's loopback only.
     let got = collector(&bed, "127.0.0.1", 7100);
     let proxy = AlinkProxy::start_to(
@@ -551,7 +545,7 @@ fn frames_to(tap: &mut std::fs::File, mac: [u8; 6], wait: Duration) -> usize {
 
 #[test]
 fn rarp_from_node_b_moves_the_guest_mac() {
-    let Some(bed) = bed() else { return };
+    let bed = bed();
     let mac_s = bed.guest_mac();
     let mac = netns::parse_mac(mac_s).unwrap();
     let frame = rarp(mac);
@@ -647,7 +641,7 @@ fn rarp_from_node_b_moves_the_guest_mac() {
 
 #[test]
 fn ftvm_runs_inside_a_node_as_a_monitor() {
-    let Some(bed) = bed() else { return };
+    let bed = bed();
     if !testbed::ftvm_bin().exists() {
         eprintln!("skipping: build ftvm first (cargo build -p cli)");
         return;

@@ -13,10 +13,7 @@ fn pattern_word(sector: u64, word: u64) -> u64 {
 
 #[test]
 fn virtio_blk_reads_into_guest_memory_are_in_the_dirty_set() {
-    if !testbed::can_run_vms() {
-        eprintln!("skipped: needs root and /dev/kvm");
-        return;
-    }
+    testbed::require_vms();
     let dir = testbed::Scratch::new("dirty").unwrap();
     let disk = dir.path("disk.img");
     std::fs::write(&disk, vec![0u8; 2 << 20]).unwrap();
