@@ -4,6 +4,7 @@
 //!   {p}node-a                        {p}node-b
 //!   alink 10.99.0.1/24 <--veth--> alink 10.99.0.2/24            (the A-link)
 //!   br0 [tap0, uplink]               br0 [tap0, uplink]
+//!   br0 192.168.50.2/24              br0 192.168.50.3/24          (the nodes' management addresses)
 //!              \                          /
 //!             to-a        {p}client     to-b
 //!                 lan 192.168.50.1/24 [to-a, to-b]               (the business LAN)
@@ -38,6 +39,10 @@ pub const ALINK_IP_A: &str = "10.99.0.1";
 pub const ALINK_IP_B: &str = "10.99.0.2";
 /// The client's address on the business LAN.
 pub const CLIENT_IP: &str = "192.168.50.1";
+/// Node A's management address (on its LAN bridge; the FT watch path runs here).
+pub const MGMT_IP_A: &str = "192.168.50.2";
+/// Node B's management address.
+pub const MGMT_IP_B: &str = "192.168.50.3";
 /// The guest's address on the business LAN.
 pub const GUEST_IP: &str = "192.168.50.10";
 /// The guest's MAC address.
@@ -462,9 +467,10 @@ impl TwoNodeBed {
         )?;
         ip_in(c, &["link", "set", "lan", "up"])?;
         // ...and on each node a bridge holding the guest's tap and the uplink to the client.
-        for (ns, peer) in [(a, "to-a"), (b, "to-b")] {
+        for (ns, peer, mgmt) in [(a, "to-a", MGMT_IP_A), (b, "to-b", MGMT_IP_B)] {
             let args = bridge_opts("br0");
             ip_in(ns, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
+            ip_in(ns, &["addr", "add", &format!("{mgmt}/24"), "dev", "br0"])?;
             ip_in(ns, &["tuntap", "add", "dev", TAP, "mode", "tap"])?;
             ip_in(
                 ns,
@@ -565,6 +571,16 @@ impl TwoNodeBed {
         ALINK_IP_B
     }
 
+    /// Node A's management address (its LAN bridge).
+    pub fn mgmt_ip_a(&self) -> &'static str {
+        MGMT_IP_A
+    }
+
+    /// Node B's management address (its LAN bridge).
+    pub fn mgmt_ip_b(&self) -> &'static str {
+        MGMT_IP_B
+    }
+
     /// The guest's tap device, same name on both nodes.
     pub fn tap_name(&self) -> &'static str {
         TAP
@@ -607,8 +623,8 @@ impl TwoNodeBed {
             "namespaces: {a} {b} {c}\n\
              A-link:     {a}/alink {ALINK_IP_A}/24 <-> {b}/alink {ALINK_IP_B}/24\n\
              LAN:        {c}/lan {CLIENT_IP}/24, ports to-a, to-b\n\
-             node A:     {a}/br0 = [{TAP}, uplink <-> {c}/to-a]\n\
-             node B:     {b}/br0 = [{TAP}, uplink <-> {c}/to-b]\n\
+             node A:     {a}/br0 {MGMT_IP_A}/24 = [{TAP}, uplink <-> {c}/to-a]\n\
+             node B:     {b}/br0 {MGMT_IP_B}/24 = [{TAP}, uplink <-> {c}/to-b]\n\
              guest:      {GUEST_IP}/24, MAC {GUEST_MAC}, on {TAP} of the node running it\n\
              run:        ip netns exec {a} ftvm vm run ... --net {}",
             self.net_arg()

@@ -110,9 +110,13 @@ fn lan_joins_client_and_both_node_bridges() {
         bed.run_in(node, "ip", &["addr", "del", &cidr, "dev", "br0"])
             .unwrap();
     }
-    // The nodes have no address on the LAN of their own.
+    // Each node's management address on its bridge reaches the other node's (the FT watch
+    // path), and a node has no other LAN address.
+    tcp_round_trip(&bed, bed.node_b(), bed.mgmt_ip_b(), bed.node_a());
+    tcp_round_trip(&bed, bed.node_a(), bed.mgmt_ip_a(), bed.node_b());
     let out = bed.run_in(bed.node_a(), "ip", &["-br", "addr"]).unwrap();
-    assert!(!out.contains("192.168.50."), "{out}");
+    assert_eq!(out.matches("192.168.50.").count(), 1, "{out}");
+    assert!(out.contains(bed.mgmt_ip_a()), "{out}");
 }
 
 #[test]
