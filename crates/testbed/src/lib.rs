@@ -2,6 +2,7 @@
 //! tap devices that clean up after themselves, monitor processes with their consoles, and the
 //! two-node network-namespace test bed ([`TwoNodeBed`]).
 
+pub mod cleanup;
 pub mod ft;
 pub mod kv;
 pub mod monitor;
