@@ -371,3 +371,80 @@ fn import_is_detected_resumable_after_kill9_and_exact() {
         fails(&["volume", "import", "--pool", pl, "--name", "q", p(&q)]).contains("already exists")
     );
 }
+
+#[test]
+fn compressed_cloud_style_images_import_kept_or_expanded() {
+    let d = Scratch::new("vol-compressed").unwrap();
+    let pool = d.path("pool");
+    let pl = p(&pool);
+    fs::create_dir_all(&pool).unwrap();
+    ok(&["volume", "pool-init", "--pool", pl]);
+    // A compressible 8 MiB disk, compressed the way distributions ship cloud images.
+    let raw = d.path("disk.raw");
+    let data: Vec<u8> = (0..8u32 << 20).map(|i| ((i / 4096) % 13) as u8).collect();
+    fs::write(&raw, &data).unwrap();
+    let img = d.path("cloud.qcow2");
+    let out = std::process::Command::new("qemu-img")
+        .args([
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            p(&raw),
+            p(&img),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    let said = ok(&["volume", "import", "--pool", pl, "--name", "kept", p(&img)]);
+    assert!(said.contains("compressed (kept"), "{said}");
+    let info: serde_json::Value = serde_json::from_str(&ok(&[
+        "volume", "info", "--pool", pl, "--name", "kept", "--json",
+    ]))
+    .unwrap();
+    assert!(
+        info["clusters"]["compressed"].as_u64().unwrap() > 0,
+        "{info}"
+    );
+    let text = ok(&["volume", "info", "--pool", pl, "--name", "kept"]);
+    assert!(text.contains("compressed ("), "{text}");
+
+    let said = ok(&[
+        "volume",
+        "import",
+        "--pool",
+        pl,
+        "--name",
+        "flat",
+        "--decompress",
+        p(&img),
+    ]);
+    assert!(said.contains("expanded"), "{said}");
+    let info: serde_json::Value = serde_json::from_str(&ok(&[
+        "volume", "info", "--pool", pl, "--name", "flat", "--json",
+    ]))
+    .unwrap();
+    assert_eq!(info["clusters"]["compressed"], 0, "{info}");
+    assert!(info["clusters"]["data"].as_u64().unwrap() > 0, "{info}");
+    // Both volumes hold the source's bytes, and qemu-img finds them clean.
+    for v in ["kept", "flat"] {
+        let info: serde_json::Value = serde_json::from_str(&ok(&[
+            "volume", "info", "--pool", pl, "--name", v, "--json",
+        ]))
+        .unwrap();
+        let file = info["data_file"].as_str().unwrap().to_string();
+        let check = std::process::Command::new("qemu-img")
+            .args(["check", &file])
+            .output()
+            .unwrap();
+        assert!(check.status.success(), "{v}: {check:?}");
+        let cmp = std::process::Command::new("qemu-img")
+            .args(["compare", "-f", "qcow2", "-F", "raw", &file, p(&raw)])
+            .output()
+            .unwrap();
+        assert!(cmp.status.success(), "{v}: {cmp:?}");
+    }
+}

@@ -43,6 +43,14 @@ pub enum OpenError {
         /// Why.
         source: io::Error,
     },
+    /// The image uses a feature ftvm does not implement (the image itself may be fine).
+    #[error("disk {path} uses a feature ftvm does not support: {reason}")]
+    Unsupported {
+        /// The disk path.
+        path: String,
+        /// Which feature, and what to do.
+        reason: String,
+    },
     /// The file is not a disk image we can use.
     #[error("disk {path} is not usable: {reason}")]
     Format {

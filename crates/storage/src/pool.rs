@@ -658,6 +658,28 @@ impl Pool {
             .ctx(|| format!("syncing {}", self.dir.display()))
     }
 
+    /// How a qcow2 volume's clusters are stored (`None` for raw volumes).
+    pub fn cluster_counts(&self, name: &str) -> Result<Option<crate::qcow2::ClusterCounts>> {
+        let meta = self.load(name)?;
+        if meta.format != ImageFormat::Qcow2 {
+            return Ok(None);
+        }
+        let mut q = self.open_qcow2(&meta, true, "be inspected")?;
+        let c = q
+            .cluster_counts()
+            .ctx(|| format!("reading the tables of volume {name:?}"))?;
+        Ok(Some(c))
+    }
+
+    /// Rewrites a qcow2 volume's compressed clusters as plain ones; returns how many.
+    pub fn decompress(&self, name: &str) -> Result<u64> {
+        let _lock = self.lock()?;
+        let meta = self.load(name)?;
+        let mut q = self.open_qcow2(&meta, false, "be decompressed")?;
+        q.decompress_all()
+            .ctx(|| format!("decompressing volume {name:?}"))
+    }
+
     /// Lists a qcow2 volume's snapshots.
     pub fn snapshots(&self, name: &str) -> Result<Vec<SnapshotInfo>> {
         let meta = self.load(name)?;
@@ -968,7 +990,12 @@ impl Pool {
                 }
                 done
             }
-            ImageFormat::Qcow2 => match Qcow2::open(&partial, true) {
+            ImageFormat::Qcow2 => match Qcow2::open_unbacked(&partial) {
+                Err(crate::OpenError::Unsupported { reason, .. }) => {
+                    return Err(fail(format!(
+                        "the image uses a qcow2 feature ftvm does not support: {reason}; nothing was created"
+                    )))
+                }
                 Err(e) => {
                     return Err(fail(format!(
                         "the imported qcow2 image is unusable ({e}); the source looks truncated or corrupt; nothing was created"
@@ -976,7 +1003,7 @@ impl Pool {
                 }
                 Ok(q) if q.backing_file().is_some() => {
                     return Err(fail(format!(
-                        "the imported qcow2 image has a backing file ({}); flatten it first with `qemu-img convert -O qcow2`",
+                        "the imported qcow2 image has a backing file ({:?}); a volume must stand alone: flatten it first with `qemu-img convert -O qcow2 SOURCE FLAT.qcow2`; nothing was created",
                         q.backing_file().unwrap_or("")
                     )))
                 }
