@@ -52,16 +52,21 @@ fn create_list_info_resize_delete_and_sizing() {
     assert!(info.contains("snapshots:  0 of 2"), "{info}");
     let (c, o) = qemu_img(&["check", p(&pool.join("db.qcow2"))]);
     assert_eq!(c, 0, "{o}");
-    // Resize: grow ok, shrink refused, and a grow beyond the pool refused with numbers.
+    // Resize: grow ok, shrink of the empty tail ok, and a grow beyond the pool refused with
+    // numbers.
     ok(&[
         "volume", "resize", "--pool", pl, "--name", "db", "--size", "2G",
     ]);
     let (_, info) = qemu_img(&["info", p(&pool.join("db.qcow2"))]);
     assert!(info.contains("virtual size: 2 GiB"), "{info}");
-    assert!(
-        fails(&["volume", "resize", "--pool", pl, "--name", "db", "--size", "1G"])
-            .contains("shrinking")
-    );
+    ok(&[
+        "volume", "resize", "--pool", pl, "--name", "db", "--size", "1G",
+    ]);
+    let (_, info) = qemu_img(&["info", p(&pool.join("db.qcow2"))]);
+    assert!(info.contains("virtual size: 1 GiB"), "{info}");
+    ok(&[
+        "volume", "resize", "--pool", pl, "--name", "db", "--size", "2G",
+    ]);
     let err = fails(&[
         "volume", "resize", "--pool", pl, "--name", "db", "--size", "8G",
     ]);
@@ -447,4 +452,40 @@ fn compressed_cloud_style_images_import_kept_or_expanded() {
             .unwrap();
         assert!(cmp.status.success(), "{v}: {cmp:?}");
     }
+}
+
+#[test]
+fn shrinking_keeps_every_stored_byte() {
+    let d = Scratch::new("vol-shrink").unwrap();
+    let pool = d.path("pool");
+    let pl = p(&pool);
+    ok(&["volume", "pool-init", "--pool", pl]);
+    ok(&[
+        "volume", "create", "--pool", pl, "--name", "r", "--size", "8M", "--format", "raw",
+    ]);
+    let file = pool.join("r.raw");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new().write(true).open(&file).unwrap();
+        f.write_all_at(b"keep me", 6 << 20).unwrap();
+    }
+    let err = fails(&[
+        "volume", "resize", "--pool", pl, "--name", "r", "--size", "4M",
+    ]);
+    assert!(
+        err.contains("cannot shrink") && err.contains(&(6u64 << 20).to_string()),
+        "{err}"
+    );
+    assert_eq!(
+        fs::metadata(&file).unwrap().len(),
+        8 << 20,
+        "refused, yet resized"
+    );
+    // Past the data, shrinking is fine.
+    ok(&[
+        "volume", "resize", "--pool", pl, "--name", "r", "--size", "7M",
+    ]);
+    let bytes = fs::read(&file).unwrap();
+    assert_eq!(bytes.len(), 7 << 20);
+    assert_eq!(&bytes[6 << 20..(6 << 20) + 7], b"keep me");
 }

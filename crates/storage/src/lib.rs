@@ -30,6 +30,19 @@ pub trait BlockBackend: Send {
     fn flush(&mut self) -> io::Result<()>;
     /// Whether writes are refused.
     fn read_only(&self) -> bool;
+    /// Makes `len` bytes at `offset` read as zeros, freeing their space where the format can
+    /// (a guest's TRIM, virtio-blk DISCARD and WRITE_ZEROES). The default writes zeros.
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeros = vec![0u8; CHUNK.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = CHUNK.min(len - done);
+            self.write_at(&zeros[..n as usize], offset + done)?;
+            done += n;
+        }
+        Ok(())
+    }
 }
 
 /// Errors opening a disk.

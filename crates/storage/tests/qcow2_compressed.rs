@@ -298,3 +298,70 @@ fn refusals_name_their_real_cause_and_change_nothing() {
         "{err}"
     );
 }
+
+/// Allocated bytes of a file (what `qemu-img info` calls the disk size).
+fn allocated(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).unwrap().blocks() * 512
+}
+
+#[test]
+fn write_zeroes_frees_clusters_and_keeps_refcounts_exact() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("t.qcow2");
+    Qcow2::create(&img, 16 * MIB, &Default::default()).unwrap();
+    let data: Vec<u8> = (0..8 * MIB as u32).map(|i| (i % 253) as u8 | 1).collect();
+    {
+        let mut q = Qcow2::open(&img, false).unwrap();
+        q.write_at(&data, 0).unwrap();
+        q.flush().unwrap();
+    }
+    let before = allocated(&img);
+    {
+        let mut q = Qcow2::open(&img, false).unwrap();
+        // Whole clusters, a partial head and a partial tail.
+        q.write_zeroes(MIB + 4096, 5 * MIB).unwrap();
+        q.flush().unwrap();
+        let mut got = vec![0u8; data.len()];
+        q.read_at(&mut got, 0).unwrap();
+        let mut want = data.clone();
+        want[(MIB + 4096) as usize..(6 * MIB + 4096) as usize].fill(0);
+        assert!(got == want, "contents after write_zeroes");
+    }
+    assert_check_clean(&img);
+    let after = allocated(&img);
+    assert!(
+        after + 4 * MIB <= before,
+        "discarding 5 MiB freed only {} bytes",
+        before - after
+    );
+    // Shared with a snapshot, discarded data stays for the snapshot.
+    {
+        let mut q = Qcow2::open(&img, false).unwrap();
+        q.create_snapshot("keep").unwrap();
+        q.write_zeroes(0, MIB).unwrap();
+        q.flush().unwrap();
+    }
+    assert_check_clean(&img);
+    {
+        let mut q = Qcow2::open(&img, false).unwrap();
+        q.revert_snapshot("keep").unwrap();
+        let mut got = vec![0u8; MIB as usize];
+        q.read_at(&mut got, 0).unwrap();
+        assert!(got == data[..MIB as usize], "the snapshot lost its data");
+    }
+    assert_check_clean(&img);
+
+    // A raw disk punches a hole.
+    let raw = d.path().join("t.raw");
+    std::fs::write(&raw, &data).unwrap();
+    let before = allocated(&raw);
+    {
+        let mut r = storage::RawFile::open(&raw, false).unwrap();
+        r.write_zeroes(0, 4 * MIB).unwrap();
+        let mut got = vec![1u8; 4096];
+        r.read_at(&mut got, 8192).unwrap();
+        assert!(got.iter().all(|&b| b == 0));
+    }
+    assert!(allocated(&raw) + 3 * MIB <= before, "no hole was punched");
+}

@@ -224,7 +224,8 @@ impl Qcow2 {
         self.version
     }
 
-    /// Grows the virtual disk to `new_size` bytes (shrinking is refused).
+    /// Changes the virtual disk size to `new_size` bytes; shrinking is refused while data lies
+    /// past the new end.
     pub fn resize(&mut self, new_size: u64) -> io::Result<()> {
         self.check_writable()?;
         if !new_size.is_multiple_of(512) || new_size > MAX_SIZE {
@@ -234,13 +235,7 @@ impl Qcow2 {
             ));
         }
         if new_size < self.size {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "shrinking from {} to {new_size} bytes would discard data; only growing is supported",
-                    self.size
-                ),
-            ));
+            return self.shrink(new_size);
         }
         self.flush_metadata()?;
         let needed = div_ceil(new_size, self.cluster_size * self.l2_entries) as usize;
@@ -263,6 +258,43 @@ impl Qcow2 {
             self.write_refblocks()?;
         }
         Ok(())
+    }
+
+    /// Shrinks the virtual disk to `new_size`, refused (changing nothing) while any data, of
+    /// the image or of its backing file, lies past it.
+    fn shrink(&mut self, new_size: u64) -> io::Result<()> {
+        let cs = self.cluster_size;
+        let first_gone = new_size.div_ceil(cs);
+        let mut off = first_gone * cs;
+        while off < self.size {
+            let (m, run) = self.map(off, self.size - off)?;
+            let in_use = match m {
+                Mapping::Zero => false,
+                Mapping::Backing => self.backing.as_ref().is_some_and(|b| b.size() > off),
+                Mapping::Data(_) | Mapping::Compressed(_) => true,
+            };
+            if in_use {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "cannot shrink to {new_size} bytes: data lies at {off} (past the new end); discard it in the guest first (fstrim) or keep the size"
+                    ),
+                ));
+            }
+            off += run;
+        }
+        if new_size % cs != 0 {
+            // The tail of the last kept cluster must read as zeros if the disk grows again.
+            let (m, _) = self.map(new_size, cs - new_size % cs)?;
+            if !matches!(m, Mapping::Zero) {
+                let zeros = vec![0u8; (cs - new_size % cs) as usize];
+                self.write_cluster_piece(&zeros, new_size)?;
+            }
+        }
+        self.flush_metadata()?;
+        self.size = new_size;
+        self.write_header_fields()?;
+        self.file.sync_data()
     }
 
     fn check_writable(&self) -> io::Result<()> {
@@ -374,6 +406,10 @@ impl BlockBackend for Qcow2 {
 
     fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.zero_range(offset, len)
     }
 }
 

@@ -312,4 +312,71 @@ impl Qcow2 {
         }
         Ok(())
     }
+
+    /// Makes `len` bytes at `offset` read as zeros: whole clusters lose their data (which is
+    /// freed once the new mapping is durable, refcounts kept exact), partial ones get zeros
+    /// written.
+    pub(super) fn zero_range(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_writable()?;
+        check_range(
+            offset,
+            usize::try_from(len).unwrap_or(usize::MAX),
+            self.size,
+        )?;
+        let cs = self.cluster_size;
+        let end = offset + len;
+        let mut off = offset;
+        while off < end {
+            let start = off & !(cs - 1);
+            let piece_end = end.min(start + cs);
+            // The last cluster of a disk whose size is not a cluster multiple counts as whole.
+            let whole = off == start && (piece_end == start + cs || piece_end == self.size);
+            if whole {
+                self.zero_cluster(start)?;
+            } else {
+                let zeros = vec![0u8; (piece_end - off) as usize];
+                self.write_cluster_piece(&zeros, off)?;
+            }
+            off = piece_end;
+        }
+        if self.pending_allocs >= MAX_PENDING_ALLOCS
+            || self.pending_free.len() >= MAX_PENDING_ALLOCS
+        {
+            self.flush_metadata()?;
+        }
+        Ok(())
+    }
+
+    /// Drops the data of the guest cluster at `off` (it reads as zeros afterwards).
+    fn zero_cluster(&mut self, off: u64) -> io::Result<()> {
+        let vcl = off >> self.cluster_bits;
+        let l1i = (vcl / self.l2_entries) as usize;
+        let l2i = vcl % self.l2_entries;
+        let has_l2 = self.l1.get(l1i).is_some_and(|e| e & OFFSET_MASK != 0);
+        if !has_l2 && self.backing.is_none() {
+            return Ok(()); // unallocated without a backing file: zeros already
+        }
+        if self.version < 3 && self.backing.is_some() {
+            // Version 2 has no zero flag: only real zeros hide the backing file.
+            let zeros = vec![0u8; self.cluster_size as usize];
+            return self.write_cluster_piece(&zeros, off);
+        }
+        let want = if self.backing.is_some() { ZERO } else { 0 };
+        if has_l2 {
+            let cur = self.l2_entry(self.l1[l1i] & OFFSET_MASK, l2i)?;
+            if cur & !COPIED == want {
+                return Ok(());
+            }
+        }
+        let l2_off = self.l2_for_write(l1i)?;
+        let e = self.l2_entry(l2_off, l2i)?;
+        if e & COMPRESSED != 0 {
+            let old = self.compressed_clusters(e)?;
+            self.pending_free.extend(old);
+        } else if e & OFFSET_MASK != 0 {
+            self.pending_free.push(e & OFFSET_MASK);
+        }
+        self.set_l2_entry(l2_off, l2i, want);
+        Ok(())
+    }
 }
