@@ -283,7 +283,7 @@ impl Qcow2 {
             }
             off += run;
         }
-        if new_size % cs != 0 {
+        if !new_size.is_multiple_of(cs) {
             // The tail of the last kept cluster must read as zeros if the disk grows again.
             let (m, _) = self.map(new_size, cs - new_size % cs)?;
             if !matches!(m, Mapping::Zero) {
