@@ -83,20 +83,19 @@ fn measure(bed: &TwoNodeBed, dir: &testbed::Scratch, rate: u64) -> anyhow::Resul
     };
 
     // Protected: checkpoints, round trips, then failover with the kv writer.
+    // Bytes per checkpoint with every page sent whole, for comparison with delta encoding.
+    let bytes_no_delta = if rate == 10_000 {
+        let pair = start_with(bed, dir, &kv_job, false, &["--ft-no-delta"])?;
+        ft::wait_ft_state(&pair.primary, "protected", Duration::from_secs(30))?;
+        let (_, _, bytes) = checkpoint_figures(&pair)?;
+        stop(bed)?;
+        Some(bytes.round())
+    } else {
+        None
+    };
     let mut pair = start(bed, dir, &kv_job, false)?;
     ft::wait_ft_state(&pair.primary, "protected", Duration::from_secs(30))?;
-    std::thread::sleep(Duration::from_millis(500));
-    let before = pair.primary.api("GET", "/status", None)?;
-    let t0 = Instant::now();
-    std::thread::sleep(Duration::from_secs(2));
-    let idle = pair.primary.api("GET", "/status", None)?;
-    let secs = t0.elapsed().as_secs_f64();
-    let cps = (idle["ft"]["checkpoints"].as_f64().unwrap_or(0.0)
-        - before["ft"]["checkpoints"].as_f64().unwrap_or(0.0))
-        / secs;
-    let bytes = (idle["ft"]["total_bytes"].as_f64().unwrap_or(0.0)
-        - before["ft"]["total_bytes"].as_f64().unwrap_or(0.0))
-        / (cps * secs).max(1.0);
+    let (idle, cps, bytes) = checkpoint_figures(&pair)?;
     let mut c = ft::kv_client(bed, Duration::from_secs(5))?;
     let ft_rtt = c.rtt_us(RTT_SAMPLES)?;
     drop(c);
@@ -113,6 +112,7 @@ fn measure(bed: &TwoNodeBed, dir: &testbed::Scratch, rate: u64) -> anyhow::Resul
         "pause_p99_us": idle["ft"]["pause_p99_us"],
         "pause_p50_us_under_requests": during["ft"]["pause_p50_us"],
         "bytes_per_checkpoint": bytes.round(),
+        "bytes_per_checkpoint_no_delta": bytes_no_delta,
         "rtt_unprotected_p50_us": round1(b50),
         "rtt_protected_p50_us": round1(f50),
         "rtt_added_p50_us": round1(f50 - b50),
@@ -122,6 +122,22 @@ fn measure(bed: &TwoNodeBed, dir: &testbed::Scratch, rate: u64) -> anyhow::Resul
         "acked_writes": failover.acked,
         "acked_writes_lost": failover.lost.len(),
     }))
+}
+
+/// Over two seconds of protected running: the last status, checkpoints per second and bytes
+/// per checkpoint.
+fn checkpoint_figures(pair: &FtPair) -> anyhow::Result<(Value, f64, f64)> {
+    std::thread::sleep(Duration::from_millis(500));
+    let before = pair.primary.api("GET", "/status", None)?;
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    let now = pair.primary.api("GET", "/status", None)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let delta =
+        |k: &str| now["ft"][k].as_f64().unwrap_or(0.0) - before["ft"][k].as_f64().unwrap_or(0.0);
+    let cps = delta("checkpoints") / secs;
+    let bytes = delta("total_bytes") / delta("checkpoints").max(1.0);
+    Ok((now, cps, bytes))
 }
 
 fn round1(v: f64) -> f64 {
@@ -134,10 +150,21 @@ fn start(
     job: &str,
     unprotected: bool,
 ) -> anyhow::Result<FtPair> {
+    start_with(bed, dir, job, unprotected, &[])
+}
+
+fn start_with(
+    bed: &TwoNodeBed,
+    dir: &testbed::Scratch,
+    job: &str,
+    unprotected: bool,
+    extra: &[&str],
+) -> anyhow::Result<FtPair> {
     let sub = dir.path(&format!(
-        "{}-{}",
+        "{}-{}{}",
         job.replace(' ', "_"),
-        if unprotected { "base" } else { "ft" }
+        if unprotected { "base" } else { "ft" },
+        extra.join("")
     ));
     std::fs::create_dir_all(&sub)?;
     let setup = FtSetup {
@@ -145,6 +172,7 @@ fn start(
         mem_mib: 256,
         timeout_ms: 100,
         unprotected,
+        primary_args: extra.iter().map(|a| a.to_string()).collect(),
     };
     ft::start_pair(bed, &sub, &setup)
 }

@@ -61,6 +61,10 @@ pub struct FtArgs {
     /// identical to the primary's.
     #[arg(long)]
     pub ft_assume_disks_synced: bool,
+    /// Send every dirty page whole (no delta against the copy the backup holds): for
+    /// measurements.
+    #[arg(long)]
+    pub ft_no_delta: bool,
 }
 
 /// Options of `ftvm vm backup`.
@@ -446,6 +450,7 @@ fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
                 Duration::from_millis(args.ft.ft_max_interval_ms.max(args.ft.ft_min_interval_ms));
             o.timeout = Duration::from_millis(args.ft.ft_timeout_ms.max(10));
             o.sync_disks = !args.ft.ft_assume_disks_synced;
+            o.delta = !args.ft.ft_no_delta;
             Some(o)
         }
         None => None,

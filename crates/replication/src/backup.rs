@@ -133,7 +133,7 @@ pub fn run_backup(opts: &BackupOptions, status: Arc<FtStatus>) -> Result<BackupO
             Kind::Pages => {
                 let batch: pages::PageBatch = protocol::decode(&frame.payload)?;
                 batch.check_addresses(standby.vm.memory())?;
-                let data = batch.decompress()?;
+                let data = batch.decode(standby.vm.memory())?;
                 pages::apply(standby.vm.memory(), &batch.addrs, &data)?;
             }
             Kind::Disk => apply_disk_chunk(&standby, &frame.payload)?,
@@ -238,7 +238,7 @@ fn commit(standby: &mut Standby, payload: &[u8]) -> Result<u64, Error> {
         ));
     }
     cp.pages.check_addresses(standby.vm.memory())?;
-    let data = cp.pages.decompress()?;
+    let data = cp.pages.decode(standby.vm.memory())?;
     // Everything is verified: apply.
     pages::apply(standby.vm.memory(), &cp.pages.addrs, &data)?;
     for (backend, writes) in standby.vm.disk_backends().iter().zip(&cp.disk_writes) {

@@ -35,6 +35,8 @@ pub struct FtOptions {
     /// Copy every disk to the backup during the initial sync (off only when the volumes are
     /// known to be identical, e.g. freshly mirrored and not yet used).
     pub sync_disks: bool,
+    /// Send pages written again as deltas against the copy the backup holds.
+    pub delta: bool,
 }
 
 impl FtOptions {
@@ -48,6 +50,7 @@ impl FtOptions {
             timeout: Duration::from_millis(100),
             connect_timeout: Duration::from_secs(30),
             sync_disks: true,
+            delta: true,
         }
     }
 }
@@ -118,6 +121,8 @@ impl Primary {
         );
         let mut link = self.connect()?;
         self.handshake(&mut link)?;
+        // A new session: the backup's memory is what this session sends it.
+        self.staging.set_delta(self.opts.delta);
         if self.opts.sync_disks {
             self.status.set_state(FtState::Syncing, "copying disks");
             // Writes from here on reach the backup with the first checkpoint, after the copy.

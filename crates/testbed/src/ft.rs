@@ -30,6 +30,8 @@ pub struct FtSetup {
     pub timeout_ms: u64,
     /// Run without FT (primary only, no backup) for baselines.
     pub unprotected: bool,
+    /// More options for the primary's `ftvm vm run`.
+    pub primary_args: Vec<String>,
 }
 
 impl FtSetup {
@@ -41,6 +43,7 @@ impl FtSetup {
             mem_mib: 128,
             timeout_ms: 2000,
             unprotected: false,
+            primary_args: Vec::new(),
         }
     }
 }
@@ -113,6 +116,7 @@ pub fn start_pair(bed: &TwoNodeBed, dir: &Path, setup: &FtSetup) -> anyhow::Resu
         let peer = format!("{}:{ALINK_PORT}", bed.alink_ip_b());
         args.extend(s(&["--ft-peer", &peer, "--ft-timeout-ms", &timeout]));
     }
+    args.extend(setup.primary_args.iter().cloned());
     let primary = bed.spawn_monitor_in(bed.node_a(), &args, &con, Some(&sock))?;
     wait_path(&sock, Duration::from_secs(10))?;
     Ok(FtPair {
