@@ -611,6 +611,12 @@ impl Vm {
         Ok(())
     }
 
+    /// Queues `bytes` as serial (COM1) input for the guest; returns how many fit in the UART's
+    /// receive FIFO.
+    pub fn serial_input(&self, bytes: &[u8]) -> usize {
+        lock(&self.serial).enqueue_input(bytes)
+    }
+
     /// Whether the VM is paused.
     pub fn is_paused(&self) -> bool {
         self.paused.load(Ordering::Acquire)
