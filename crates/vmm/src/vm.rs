@@ -197,7 +197,7 @@ impl Vm {
         } else {
             KernelKind::BzImage
         };
-        let vm = Self::build(config.clone(), kind, devices, None)?;
+        let vm = Self::build(config.clone(), kind, devices)?;
 
         let mut cmdline = config.cmdline.clone();
         if kind == KernelKind::Elf {
@@ -260,7 +260,7 @@ impl Vm {
             ));
         }
         let devices = open_devices(&config)?;
-        let vm = Self::build(config, state.kind, devices, Some(&state.serial))?;
+        let vm = Self::build(config, state.kind, devices)?;
         fill_memory(&vm.mem)?;
         vm.load_state(state)?;
         Ok(vm)
@@ -273,15 +273,10 @@ impl Vm {
             .validate()
             .map_err(|e| Error::Config(e.to_string()))?;
         let devices = open_devices(&config)?;
-        Self::build(config, kind, devices, None)
+        Self::build(config, kind, devices)
     }
 
-    fn build(
-        config: VmConfig,
-        kind: KernelKind,
-        devices: OpenedDevices,
-        serial_state: Option<&SerialSnapshot>,
-    ) -> Result<Vm, Error> {
+    fn build(config: VmConfig, kind: KernelKind, devices: OpenedDevices) -> Result<Vm, Error> {
         vcpu::install_kick_handler().map_err(Error::Kvm)?;
         let kvm = Kvm::new().map_err(|e| {
             Error::Kvm(format!(
@@ -332,12 +327,7 @@ impl Vm {
             .register_irqfd(&serial_irq, SERIAL_IRQ)
             .map_err(kvm_err("KVM_IRQFD"))?;
         let console = Console::new(open_console(&config.console)?, exit_status.clone());
-        let serial = match serial_state {
-            Some(s) => SerialDevice::from_snapshot(serial_irq, console, s)
-                .map_err(|e| Error::Snapshot(e.to_string()))?,
-            None => SerialDevice::new(serial_irq, console),
-        };
-        let serial = Arc::new(Mutex::new(serial));
+        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, console)));
         io_bus.insert(u64::from(SERIAL_PORT), 8, serial.clone());
         mmio_bus.insert(SERIAL_MMIO_BASE, 8, serial.clone());
         let power = Arc::new(Mutex::new(AcpiPower::new(exit.clone())));
@@ -729,6 +719,9 @@ impl Vm {
                 }
             }
         }
+        lock(&self.serial)
+            .restore(&state.serial)
+            .map_err(|e| Error::Snapshot(e.to_string()))?;
         for (t, s) in self.virtio.iter().zip(&state.virtio) {
             lock(t).restore(s).map_err(Error::Snapshot)?;
         }

@@ -58,8 +58,26 @@ fn copy_memory(from: &Vm, to: &vmm::memory::GuestMemory) -> Result<(), vmm::Erro
     Ok(())
 }
 
+/// How the guest moves to the next VM.
+#[derive(Clone, Copy)]
+enum Move {
+    /// `Vm::restore` (a snapshot restore).
+    Restore,
+    /// A standby VM filled with memory, then `load_state` (an FT backup's failover).
+    Standby,
+}
+
 #[test]
 fn serial_input_survives_save_restore_while_the_guest_reads_it() {
+    run_rounds(Move::Restore);
+}
+
+#[test]
+fn serial_input_survives_failover_to_a_standby_while_the_guest_reads_it() {
+    run_rounds(Move::Standby);
+}
+
+fn run_rounds(how: Move) {
     testbed::require_vms();
     let dir = testbed::Scratch::new("state-consistency").unwrap();
     let console = dir.path("console");
@@ -108,7 +126,17 @@ fn serial_input_survives_save_restore_while_the_guest_reads_it() {
         }
         let state = vm.save_state().unwrap();
         let old = vm;
-        let restored = Vm::restore(config.clone(), &state, |mem| copy_memory(&old, mem)).unwrap();
+        let restored = match how {
+            Move::Restore => {
+                Vm::restore(config.clone(), &state, |mem| copy_memory(&old, mem)).unwrap()
+            }
+            Move::Standby => {
+                let standby = Vm::create_standby(config.clone(), old.kind()).unwrap();
+                copy_memory(&old, standby.memory()).unwrap();
+                standby.load_state(&state).unwrap();
+                standby
+            }
+        };
         old.stop();
         drop(old);
         restored.start().unwrap();

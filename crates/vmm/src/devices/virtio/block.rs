@@ -179,4 +179,11 @@ impl VirtioDevice for Block {
     fn snapshot(&self) -> DeviceSnapshot {
         DeviceSnapshot::Block
     }
+
+    fn restore(&mut self, s: &DeviceSnapshot) -> Result<(), String> {
+        match s {
+            DeviceSnapshot::Block => Ok(()),
+            other => Err(format!("a block device cannot load {other:?}")),
+        }
+    }
 }

@@ -105,6 +105,7 @@ impl MmioTransport {
                 self.queues.len()
             ));
         }
+        self.device.restore(&s.device)?;
         self.device_features_sel = s.device_features_sel;
         self.driver_features_sel = s.driver_features_sel;
         self.acked_features = s.acked_features;
