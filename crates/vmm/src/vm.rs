@@ -14,7 +14,7 @@ use kvm_bindings::{
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES,
     KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -25,8 +25,10 @@ use crate::devices::i8042::I8042;
 use crate::devices::power::AcpiPower;
 use crate::devices::serial::{Console, SerialDevice, SerialSnapshot};
 use crate::devices::virtio::block::{Block, SharedBackend};
+use crate::devices::virtio::block_request::BlockIo;
+use crate::devices::virtio::block_worker::{BlockWorker, IoGate};
 use crate::devices::virtio::disk_log::DiskLog;
-use crate::devices::virtio::mmio::{MmioSnapshot, MmioTransport};
+use crate::devices::virtio::mmio::{MmioSnapshot, MmioTransport, QUEUE_NOTIFY};
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::output::NetOutput;
 use crate::devices::virtio::tap::Tap;
@@ -98,6 +100,12 @@ pub struct Vm {
     net_outputs: Vec<Arc<NetOutput>>,
     disk_logs: Vec<Arc<DiskLog>>,
     disk_backends: Vec<SharedBackend>,
+    /// Each disk's I/O thread, until `start` runs it.
+    disk_workers: Mutex<Vec<BlockWorker>>,
+    /// Pause/stop gates of the disks' I/O threads.
+    io_gates: Vec<Arc<IoGate>>,
+    /// Wakes each disk's I/O thread (its ioeventfd).
+    disk_notifies: Vec<EventFd>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     stop_evt: EventFd,
     exit_status: Arc<Mutex<Option<i32>>>,
@@ -347,18 +355,34 @@ impl Vm {
                 .map_err(kvm_err("KVM_IRQFD"))?;
             Ok((irq, VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE))
         };
+        let mut disk_workers = Vec::new();
+        let evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device(e.to_string()));
         for (i, backend) in devices.disks.into_iter().enumerate() {
             let (irq, addr) = slot_of(virtio.len())?;
-            let dev = Block::new(backend, &format!("ftvm-disk{i}"));
-            disk_logs.push(dev.log());
-            disk_backends.push(dev.backend());
+            let backend: SharedBackend = Arc::new(Mutex::new(backend));
+            let log = Arc::<DiskLog>::default();
+            // The guest's notify of queue 0 signals the I/O thread inside KVM, without an exit.
+            let notify = evt()?;
+            vm_fd
+                .register_ioevent(&notify, &IoEventAddress::Mmio(addr + QUEUE_NOTIFY), 0u32)
+                .map_err(kvm_err("KVM_IOEVENTFD"))?;
+            let dev = Block::new(&backend, notify.try_clone().map_err(|e| Error::Device(e.to_string()))?);
             let t = Arc::new(Mutex::new(MmioTransport::new(
                 Box::new(dev),
                 mem.clone(),
                 irq,
             )));
             mmio_bus.insert(addr, VIRTIO_MMIO_SIZE, t.clone());
-            virtio.push(t);
+            virtio.push(t.clone());
+            disk_logs.push(log.clone());
+            disk_backends.push(backend.clone());
+            disk_workers.push(BlockWorker {
+                transport: t,
+                io: BlockIo::new(backend, log, &format!("ftvm-disk{i}")),
+                mem: mem.clone(),
+                notify,
+                gate: Arc::default(),
+            });
         }
         for (tap, net) in devices.taps.into_iter().zip(&config.nets) {
             let (irq, addr) = slot_of(virtio.len())?;
@@ -426,6 +450,13 @@ impl Vm {
             net_outputs,
             disk_logs,
             disk_backends,
+            io_gates: disk_workers.iter().map(|w| w.gate.clone()).collect(),
+            disk_notifies: disk_workers
+                .iter()
+                .map(|w| w.notify.try_clone())
+                .collect::<Result<_, _>>()
+                .map_err(|e| Error::Device(e.to_string()))?,
+            disk_workers: Mutex::new(disk_workers),
             threads: Mutex::new(Vec::new()),
             stop_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Kvm(e.to_string()))?,
             exit_status,
@@ -456,6 +487,16 @@ impl Vm {
             handles.push(h);
         }
         let mut threads = lock(&self.threads);
+        for (i, w) in lock(&self.disk_workers).drain(..).enumerate() {
+            let stop = self
+                .stop_evt
+                .try_clone()
+                .map_err(|e| Error::Device(e.to_string()))?;
+            let t = w
+                .spawn(format!("disk{i}-io"), stop)
+                .map_err(|e| Error::Device(format!("cannot start disk I/O thread: {e}")))?;
+            threads.push(t);
+        }
         for rx in lock(&self.net_rx).drain(..) {
             let stop = self
                 .stop_evt
@@ -481,6 +522,9 @@ impl Vm {
     pub fn start_paused(&self) -> Result<(), Error> {
         let mut depth = lock(&self.pause_depth);
         self.shared.pause.store(true, Ordering::Release);
+        for g in &self.io_gates {
+            g.pause();
+        }
         for t in &self.virtio {
             lock(t).set_paused(true);
         }
@@ -544,6 +588,10 @@ impl Vm {
                 }
             }
         }
+        // Disk I/O threads finish the request they are serving and take no other.
+        for g in &self.io_gates {
+            g.pause();
+        }
         for t in &self.virtio {
             lock(t).set_paused(true);
         }
@@ -586,6 +634,9 @@ impl Vm {
         }
         for t in &self.virtio {
             lock(t).set_paused(false);
+        }
+        for g in &self.io_gates {
+            g.resume();
         }
         self.shared.pause.store(false, Ordering::Release);
         for h in lock(&self.vcpus).iter() {
@@ -725,6 +776,11 @@ impl Vm {
         for (t, s) in self.virtio.iter().zip(&state.virtio) {
             lock(t).restore(s).map_err(Error::Snapshot)?;
         }
+        // Requests the guest queued and notified elsewhere (the primary, the snapshotted VM)
+        // are served here: the I/O threads look at their queues once they run.
+        for n in &self.disk_notifies {
+            let _ = n.write(1);
+        }
         Ok(())
     }
 
@@ -821,6 +877,9 @@ impl Vm {
     pub fn stop(&self) {
         self.shared.stop.store(true, Ordering::Release);
         let _ = self.stop_evt.write(1);
+        for g in &self.io_gates {
+            g.stop();
+        }
         let handles: Vec<VcpuHandle> = lock(&self.vcpus).drain(..).collect();
         for h in &handles {
             kick(&h.thread);

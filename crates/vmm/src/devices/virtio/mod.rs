@@ -1,6 +1,8 @@
 //! Virtio devices (block, net) behind the virtio-mmio transport.
 
 pub mod block;
+pub mod block_request;
+pub mod block_worker;
 pub mod disk_log;
 pub mod mmio;
 pub mod net;
