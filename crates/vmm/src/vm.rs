@@ -366,7 +366,12 @@ impl Vm {
             vm_fd
                 .register_ioevent(&notify, &IoEventAddress::Mmio(addr + QUEUE_NOTIFY), 0u32)
                 .map_err(kvm_err("KVM_IOEVENTFD"))?;
-            let dev = Block::new(&backend, notify.try_clone().map_err(|e| Error::Device(e.to_string()))?);
+            let dev = Block::new(
+                &backend,
+                notify
+                    .try_clone()
+                    .map_err(|e| Error::Device(e.to_string()))?,
+            );
             let t = Arc::new(Mutex::new(MmioTransport::new(
                 Box::new(dev),
                 mem.clone(),

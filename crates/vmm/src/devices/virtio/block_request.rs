@@ -121,7 +121,7 @@ pub fn parse(mem: &GuestMemory, descs: &[Desc], capacity: u64) -> Result<Request
             let writable = req_type == T_IN;
             if data.is_empty()
                 || len > MAX_REQUEST_BYTES
-                || len % SECTOR != 0
+                || !len.is_multiple_of(SECTOR)
                 || data.iter().any(|d| d.2 != writable)
             {
                 return Err(err(S_IOERR));
@@ -256,8 +256,7 @@ impl BlockIo {
                     .0
                     .checked_add(u64::from(done))
                     .is_some_and(|a| mem.read_slice(buf, GuestAddress(a)).is_ok());
-                if !read || lock(&self.backend).write_at(buf, offset).is_err()
-                {
+                if !read || lock(&self.backend).write_at(buf, offset).is_err() {
                     return S_IOERR;
                 }
                 self.log.record(offset, buf);
