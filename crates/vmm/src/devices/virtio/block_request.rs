@@ -267,3 +267,193 @@ impl BlockIo {
         S_OK
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    const MEM: usize = 1 << 20;
+    const HDR: GuestAddress = GuestAddress(0x1000);
+    const DATA: GuestAddress = GuestAddress(0x10000);
+    const STATUS: GuestAddress = GuestAddress(0x2000);
+    const DISK: u64 = 1 << 20;
+
+    fn mem() -> GuestMemory {
+        GuestMemory::from_ranges(&[(GuestAddress(0), MEM)]).unwrap()
+    }
+
+    fn header(mem: &GuestMemory, kind: u32, sector: u64) {
+        mem.write_obj(kind, HDR).unwrap();
+        mem.write_obj(0u32, GuestAddress(HDR.0 + 4)).unwrap();
+        mem.write_obj(sector, GuestAddress(HDR.0 + 8)).unwrap();
+    }
+
+    fn chain(data: &[Desc]) -> Vec<Desc> {
+        let mut v = vec![(HDR, 16, false)];
+        v.extend_from_slice(data);
+        v.push((STATUS, 1, true));
+        v
+    }
+
+    fn refused(mem: &GuestMemory, descs: &[Desc]) -> u8 {
+        parse(mem, descs, DISK).unwrap_err().status
+    }
+
+    /// A disk file on a real raw backend, and its path.
+    fn io(dir: &std::path::Path) -> (BlockIo, std::path::PathBuf) {
+        let path = dir.join("disk.raw");
+        std::fs::write(&path, vec![0u8; DISK as usize]).unwrap();
+        let backend = storage::open_backend(&path, false).unwrap();
+        let log = Arc::new(DiskLog::default());
+        (
+            BlockIo::new(Arc::new(Mutex::new(backend)), log, "disk-id-that-is-longer-than-20"),
+            path,
+        )
+    }
+
+    #[test]
+    fn valid_requests_parse() {
+        let m = mem();
+        header(&m, T_IN, 2);
+        let r = parse(&m, &chain(&[(DATA, 1024, true)]), DISK).unwrap();
+        assert_eq!(r.kind, Kind::In { offset: 1024 });
+        assert_eq!((r.len, r.status), (1024, STATUS));
+        header(&m, T_OUT, 0);
+        let r = parse(&m, &chain(&[(DATA, 512, false), (DATA, 512, false)]), DISK).unwrap();
+        assert_eq!((r.kind, r.len), (Kind::Out { offset: 0 }, 1024));
+        header(&m, T_FLUSH, 0);
+        assert_eq!(parse(&m, &chain(&[]), DISK).unwrap().kind, Kind::Flush);
+        header(&m, T_GET_ID, 0);
+        assert_eq!(
+            parse(&m, &chain(&[(DATA, 20, true)]), DISK).unwrap().kind,
+            Kind::GetId
+        );
+        // The status byte is the last byte of the last descriptor.
+        let mut c = chain(&[(DATA, 512, true)]);
+        c[2] = (STATUS, 4, true);
+        header(&m, T_IN, 0);
+        assert_eq!(parse(&m, &c, DISK).unwrap().status, GuestAddress(STATUS.0 + 3));
+    }
+
+    #[test]
+    fn malformed_chains_get_ioerr() {
+        let m = mem();
+        header(&m, T_IN, 0);
+        // A read whose only writable buffer holds the status byte has no data.
+        let e = parse(&m, &[(HDR, 16, false), (DATA, 512, true)], DISK).unwrap_err();
+        assert_eq!((e.status, e.at), (S_IOERR, Some(GuestAddress(DATA.0 + 511))));
+        // No status descriptor, or a read-only one: nowhere to answer.
+        let e = parse(&m, &[(HDR, 16, false), (STATUS, 1, false)], DISK).unwrap_err();
+        assert_eq!((e.status, e.at), (S_IOERR, None));
+        assert_eq!(parse(&m, &[], DISK).unwrap_err().at, None);
+        // Short or device-writable header.
+        let mut c = chain(&[(DATA, 512, true)]);
+        c[0].1 = 15;
+        assert_eq!(refused(&m, &c), S_IOERR);
+        let mut c = chain(&[(DATA, 512, true)]);
+        c[0].2 = true;
+        assert_eq!(refused(&m, &c), S_IOERR);
+        // Header outside guest memory.
+        let mut c = chain(&[(DATA, 512, true)]);
+        c[0].0 = GuestAddress(u64::MAX - 4);
+        assert_eq!(refused(&m, &c), S_IOERR);
+        // Read with no data, data not a whole number of sectors, data in the wrong direction.
+        assert_eq!(refused(&m, &chain(&[])), S_IOERR);
+        assert_eq!(refused(&m, &chain(&[(DATA, 511, true)])), S_IOERR);
+        assert_eq!(refused(&m, &chain(&[(DATA, 512, false)])), S_IOERR);
+        header(&m, T_OUT, 0);
+        assert_eq!(refused(&m, &chain(&[(DATA, 512, true)])), S_IOERR);
+        // GET_ID needs exactly one writable buffer.
+        header(&m, T_GET_ID, 0);
+        assert_eq!(refused(&m, &chain(&[])), S_IOERR);
+        assert_eq!(refused(&m, &chain(&[(DATA, 20, false)])), S_IOERR);
+    }
+
+    #[test]
+    fn sizes_and_ranges_are_bounded() {
+        let m = mem();
+        // Past the end of the disk, straddling it, sector numbers that overflow.
+        for (sector, len) in [(DISK / SECTOR, 512), (DISK / SECTOR - 1, 1024), (u64::MAX, 512)] {
+            header(&m, T_IN, sector);
+            assert_eq!(refused(&m, &chain(&[(DATA, len, true)])), S_IOERR, "{sector}");
+        }
+        header(&m, T_IN, 0);
+        // More segments than seg_max, more data than seg_max × size_max: refused before
+        // anything is read or allocated.
+        let many = vec![(DATA, 512, true); SEG_MAX as usize + 1];
+        assert_eq!(refused(&m, &chain(&many)), S_IOERR);
+        let huge = vec![(DATA, u32::MAX & !511, true); 4];
+        assert_eq!(
+            parse(&m, &chain(&huge), u64::MAX).unwrap_err().status,
+            S_IOERR
+        );
+        // Unknown request types are unsupported, not errors.
+        header(&m, 0x1234, 0);
+        assert_eq!(refused(&m, &chain(&[(DATA, 512, true)])), S_UNSUPP);
+    }
+
+    #[test]
+    fn requests_move_data_between_disk_and_guest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut io, path) = io(dir.path());
+        io.log.enable();
+        let m = mem();
+        // Write 3 sectors from two guest buffers at sector 4; more than one bounce chunk.
+        let a: Vec<u8> = (0..512).map(|i| i as u8).collect();
+        let b: Vec<u8> = (0..1024).map(|i| (i * 7) as u8).collect();
+        m.write_slice(&a, DATA).unwrap();
+        m.write_slice(&b, GuestAddress(DATA.0 + 0x8000)).unwrap();
+        header(&m, T_OUT, 4);
+        let descs = chain(&[(DATA, 512, false), (GuestAddress(DATA.0 + 0x8000), 1024, false)]);
+        assert_eq!(io.serve(&m, &descs), 1, "a write returns only the status byte");
+        assert_eq!(m.read_obj::<u8>(STATUS).unwrap(), S_OK);
+        let file = std::fs::read(&path).unwrap();
+        assert_eq!(&file[2048..2560], &a[..]);
+        assert_eq!(&file[2560..3584], &b[..]);
+        let logged = io.log.seal();
+        assert_eq!(logged.len(), 2);
+        assert_eq!((logged[0].0, logged[1].0), (2048, 2560));
+        // Read them back, in one descriptor larger than the bounce buffer.
+        let big = CHUNK as u32 + 4096;
+        header(&m, T_IN, 0);
+        let descs = chain(&[(GuestAddress(0x40000), big, true)]);
+        assert_eq!(io.serve(&m, &descs), big + 1);
+        let mut back = vec![0u8; big as usize];
+        m.read_slice(&mut back, GuestAddress(0x40000)).unwrap();
+        assert_eq!(&back[..], &file[..big as usize]);
+        // GET_ID: 20 bytes at most.
+        header(&m, T_GET_ID, 0);
+        assert_eq!(io.serve(&m, &chain(&[(DATA, 64, true)])), 21);
+        let mut id = [0u8; 20];
+        m.read_slice(&mut id, DATA).unwrap();
+        assert_eq!(&id, b"disk-id-that-is-long");
+        header(&m, T_FLUSH, 0);
+        assert_eq!(io.serve(&m, &chain(&[])), 1);
+        assert_eq!(m.read_obj::<u8>(STATUS).unwrap(), S_OK);
+    }
+
+    #[test]
+    fn bad_requests_answer_with_a_status_and_change_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut io, path) = io(dir.path());
+        io.log.enable();
+        let m = mem();
+        m.write_slice(&[0xaa; 512], DATA).unwrap();
+        // Data buffer partly outside guest memory: IOERR.
+        header(&m, T_OUT, 0);
+        let descs = chain(&[(GuestAddress(MEM as u64 - 512), 1024, false)]);
+        assert_eq!(io.serve(&m, &descs), 1);
+        assert_eq!(m.read_obj::<u8>(STATUS).unwrap(), S_IOERR);
+        // Out of range.
+        header(&m, T_OUT, DISK / SECTOR);
+        assert_eq!(io.serve(&m, &chain(&[(DATA, 512, false)])), 1);
+        assert_eq!(m.read_obj::<u8>(STATUS).unwrap(), S_IOERR);
+        header(&m, 99, 0);
+        io.serve(&m, &chain(&[(DATA, 512, false)]));
+        assert_eq!(m.read_obj::<u8>(STATUS).unwrap(), S_UNSUPP);
+        assert!(std::fs::read(&path).unwrap().iter().all(|&b| b == 0));
+        // Only the part of the first request that fit was written and logged, nothing else.
+        assert!(io.log.seal().iter().all(|(off, d)| *off == 0 && d.len() <= 512));
+    }
+}
