@@ -72,7 +72,11 @@ mod tests {
         log.record(512, b"c");
         assert_eq!(
             log.seal(),
-            vec![(512, b"a".to_vec()), (0, b"bb".to_vec()), (512, b"c".to_vec())]
+            vec![
+                (512, b"a".to_vec()),
+                (0, b"bb".to_vec()),
+                (512, b"c".to_vec())
+            ]
         );
         assert!(log.seal().is_empty(), "an epoch's writes are sealed once");
         log.record(1024, b"next");

@@ -388,3 +388,7 @@ impl BusDevice for MmioTransport {
         self.write_reg(offset, v);
     }
 }
+
+#[cfg(test)]
+#[path = "mmio_tests.rs"]
+mod tests;
