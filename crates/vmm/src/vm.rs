@@ -21,6 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, KernelKind};
 use crate::config::{ConsoleConfig, VmConfig};
+use crate::cpu_model::{self, CpuModel};
 use crate::devices::i8042::I8042;
 use crate::devices::power::AcpiPower;
 use crate::devices::serial::{Console, SerialDevice, SerialSnapshot};
@@ -59,6 +60,8 @@ pub struct VmState {
     pub serial: SerialSnapshot,
     /// Virtio devices in configuration order (disks, then nets).
     pub virtio: Vec<MmioSnapshot>,
+    /// The CPU model the guest sees (feature words, TSC rate).
+    pub cpu: CpuModel,
 }
 
 /// Status for the control API.
@@ -89,6 +92,7 @@ pub struct Vm {
     mem: GuestMemory,
     config: VmConfig,
     kind: KernelKind,
+    cpu: CpuModel,
     shared: Arc<VcpuShared>,
     msr_list: Arc<Vec<u32>>,
     unstarted: Mutex<Vec<VcpuFd>>,
@@ -205,7 +209,7 @@ impl Vm {
         } else {
             KernelKind::BzImage
         };
-        let vm = Self::build(config.clone(), kind, devices)?;
+        let vm = Self::build(config.clone(), kind, devices, None)?;
 
         let mut cmdline = config.cmdline.clone();
         if kind == KernelKind::Elf {
@@ -268,7 +272,7 @@ impl Vm {
             ));
         }
         let devices = open_devices(&config)?;
-        let vm = Self::build(config, state.kind, devices)?;
+        let vm = Self::build(config, state.kind, devices, Some(&state.cpu))?;
         fill_memory(&vm.mem)?;
         vm.load_state(state)?;
         Ok(vm)
@@ -281,10 +285,15 @@ impl Vm {
             .validate()
             .map_err(|e| Error::Config(e.to_string()))?;
         let devices = open_devices(&config)?;
-        Self::build(config, kind, devices)
+        Self::build(config, kind, devices, None)
     }
 
-    fn build(config: VmConfig, kind: KernelKind, devices: OpenedDevices) -> Result<Vm, Error> {
+    fn build(
+        config: VmConfig,
+        kind: KernelKind,
+        devices: OpenedDevices,
+        exact_cpu: Option<&CpuModel>,
+    ) -> Result<Vm, Error> {
         vcpu::install_kick_handler().map_err(Error::Kvm)?;
         let kvm = Kvm::new().map_err(|e| {
             Error::Kvm(format!(
@@ -408,16 +417,45 @@ impl Vm {
             virtio.push(t);
         }
 
-        let base_cpuid = vcpu::supported_cpuid(&kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::new();
         for i in 0..config.vcpus {
             let fd = vm_fd
                 .create_vcpu(u64::from(i))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            vcpus.push(fd);
+        }
+        let host = cpu_model::HostCpu {
+            supported: vcpu::supported_cpuid(&kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?,
+            tsc_khz: vcpus
+                .first()
+                .and_then(|v| v.get_tsc_khz().ok())
+                .unwrap_or(0),
+            tsc_control: kvm.check_extension(kvm_ioctls::Cap::TscControl),
+        };
+        let (cpu, base_cpuid) = match exact_cpu {
+            Some(model) => {
+                cpu_model::check_provides(model, &host)
+                    .map_err(|e| Error::Config(e.to_string()))?;
+                (model.clone(), cpu_model::apply(model, &host))
+            }
+            None => cpu_model::resolve_default(config.cpu, &host)
+                .map_err(|e| Error::Config(format!("--cpu: {e}")))?,
+        };
+        for (i, fd) in (0u8..).zip(&vcpus) {
             fd.set_cpuid2(&vcpu::cpuid_for(&base_cpuid, i, config.vcpus))
                 .map_err(kvm_err("KVM_SET_CPUID2"))?;
-            vcpu::set_lint(&fd, i).map_err(|e| Error::Kvm(e.to_string()))?;
-            vcpus.push(fd);
+            // A fixed guest TSC rate: the model's, which a restore or failover keeps.
+            if host.tsc_control && cpu.tsc_khz != 0 {
+                if let Err(e) = fd.set_tsc_khz(cpu.tsc_khz) {
+                    if !cpu_model::tsc_close(cpu.tsc_khz, host.tsc_khz) {
+                        return Err(Error::Config(format!(
+                            "cannot run the guest TSC at {} kHz (KVM_SET_TSC_KHZ: {e}); this host's runs at {} kHz",
+                            cpu.tsc_khz, host.tsc_khz
+                        )));
+                    }
+                }
+            }
+            vcpu::set_lint(fd, i).map_err(|e| Error::Kvm(e.to_string()))?;
         }
         let msr_list = Arc::new(
             vcpus
@@ -441,6 +479,7 @@ impl Vm {
             mem,
             config,
             kind,
+            cpu,
             shared,
             msr_list,
             unstarted: Mutex::new(vcpus),
@@ -725,6 +764,7 @@ impl Vm {
             clock: self.vm_fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?,
             serial: lock(&self.serial).snapshot(),
             virtio: self.virtio.iter().map(|t| lock(t).snapshot()).collect(),
+            cpu: self.cpu.clone(),
         })
     }
 
@@ -737,6 +777,15 @@ impl Vm {
             return Err(Error::Snapshot(
                 "the state does not match this VM's vCPUs and devices".into(),
             ));
+        }
+        if state.cpu.words != self.cpu.words {
+            // Named models give the same words on every host that can run them; `host` may
+            // show this host's extra features (the guest keeps every feature it had).
+            tracing::warn!(
+                "the state's CPU model ({}) differs from this VM's ({}) in its feature words",
+                state.cpu.name,
+                self.cpu.name
+            );
         }
         self.vm_fd
             .set_pit2(&state.pit)
@@ -828,6 +877,11 @@ impl Vm {
     /// The backend of each disk.
     pub fn disk_backends(&self) -> &[SharedBackend] {
         &self.disk_backends
+    }
+
+    /// The CPU model the guest sees.
+    pub fn cpu_model(&self) -> &CpuModel {
+        &self.cpu
     }
 
     /// The kind of kernel.

@@ -54,6 +54,7 @@ fn disk_requests_in_flight_survive_pause_save_and_restore() {
         }],
         nets: vec![],
         console: ConsoleConfig::File(console.clone()),
+        cpu: None,
     };
     let mut vm = Vm::create(config.clone()).unwrap();
     vm.start().unwrap();

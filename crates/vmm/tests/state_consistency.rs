@@ -90,6 +90,7 @@ fn run_rounds(how: Move) {
         disks: vec![],
         nets: vec![],
         console: ConsoleConfig::File(console.clone()),
+        cpu: None,
     };
     let mut vm = Vm::create(config.clone()).unwrap();
     vm.start().unwrap();
