@@ -211,3 +211,7 @@ impl VirtioDevice for Net {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "net_tests.rs"]
+mod tests;
