@@ -803,6 +803,20 @@ impl Vm {
         {
             let unstarted = lock(&self.unstarted);
             if !unstarted.is_empty() {
+                // A standby built here runs the guest TSC at the rate of the node it came from.
+                let khz = state.cpu.tsc_khz;
+                if khz != 0 && khz != self.cpu.tsc_khz {
+                    for fd in unstarted.iter() {
+                        if let Err(e) = fd.set_tsc_khz(khz) {
+                            if !cpu_model::tsc_close(khz, self.cpu.tsc_khz) {
+                                return Err(Error::Config(format!(
+                                    "cannot run the guest TSC at {khz} kHz (KVM_SET_TSC_KHZ: {e}); this host's runs at {} kHz",
+                                    self.cpu.tsc_khz
+                                )));
+                            }
+                        }
+                    }
+                }
                 for (i, (fd, s)) in unstarted.iter().zip(&state.vcpus).enumerate() {
                     vcpu::restore_state(fd, i as u8, s).map_err(|e| Error::Kvm(e.to_string()))?;
                 }
