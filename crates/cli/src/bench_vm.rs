@@ -136,6 +136,7 @@ pub fn pause(cycles: usize, as_json: bool) -> anyhow::Result<i32> {
             disks: vec![],
             nets: vec![],
             console: ConsoleConfig::File(console.clone()),
+            cpu: None,
         };
         let vm = Arc::new(Vm::create(config)?);
         vm.start()?;

@@ -126,6 +126,10 @@ pub struct RunArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 512)]
     pub mem: u64,
+    /// CPU model the guest sees: x86-64, x86-64-v2, x86-64-v3 or host. Default: x86-64-v2,
+    /// or x86-64 on a host whose KVM cannot offer v2.
+    #[arg(long)]
+    pub cpu: Option<vmm::cpu_model::CpuModelName>,
     /// A disk: PATH[,readonly][,mirror=ADDR:PORT] (mirror: synchronous copy to
     /// `ftvm volume mirror-serve` on the peer node). Repeat for more.
     #[arg(long = "disk")]
@@ -322,6 +326,7 @@ fn build_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
         cmdline,
         vcpus: args.vcpus,
         mem_mib: args.mem,
+        cpu: args.cpu,
         disks: args
             .disks
             .iter()

@@ -167,6 +167,7 @@ pub fn run_backup(opts: &BackupOptions, status: Arc<FtStatus>) -> Result<BackupO
 }
 
 fn build_standby(opts: &BackupOptions, hello: Hello) -> Result<Vm, Error> {
+    vmm::cpu_model::check_peer(&hello.cpu).map_err(Error::Protocol)?;
     let mut config = hello.config;
     if opts.disks.len() != config.disks.len() {
         return Err(Error::Protocol(format!(

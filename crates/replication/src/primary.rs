@@ -349,6 +349,7 @@ impl Primary {
         let hello = Hello {
             config: self.vm.config().clone(),
             kind: self.vm.kind(),
+            cpu: self.vm.cpu_model().clone(),
         };
         self.tx
             .send(&mut link.w, Kind::Hello, &protocol::encode(&hello)?)?;

@@ -15,6 +15,9 @@ pub struct Hello {
     pub config: VmConfig,
     /// Which kernel kind runs.
     pub kind: KernelKind,
+    /// The guest's CPU model: feature words and TSC rate (the backup refuses one it cannot
+    /// provide, see `vmm::cpu_model::check_peer`).
+    pub cpu: vmm::cpu_model::CpuModel,
 }
 
 /// One complete checkpoint: everything the backup needs to resume the guest at its epoch.

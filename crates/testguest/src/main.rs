@@ -6,7 +6,7 @@
 //!
 //! Command line: `[ftvm.tsc_khz=K] [ftvm.ip=A.B.C.D/N] [ftvm.gw=A.B.C.D] -- JOB ARGS...` with
 //! JOB one of `counter`, `dirty RATE_PAGES_PER_S WORKING_SET_MIB`, `blk-pattern [SECTORS]`,
-//! `tcp-echo PORT`, `kv PORT`, `poweroff`, `fault` (see [`jobs`]). Every job prints
+//! `tcp-echo PORT`, `kv PORT`, `serial-rx`, `poweroff`, `fault` (see [`jobs`]). Every job prints
 //! `testguest: job NAME running` once it is up; bad input prints `testguest: error: ...` and
 //! powers off, as does any CPU exception (`testguest: FAULT ...`).
 #![no_std]

@@ -106,3 +106,12 @@ macro_rules! fatal {
         $crate::power::off()
     }};
 }
+
+/// Receive buffer register (with DLAB clear).
+const RBR: usize = 0;
+
+/// Reads one byte of host input from the receive buffer; 0 when the FIFO is empty (the UART
+/// returns 0 then). Every call is one MMIO read exit with a side effect (it pops the FIFO).
+pub fn read_input() -> u8 {
+    read_reg(RBR)
+}

@@ -60,6 +60,8 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// Serial console.
     pub console: ConsoleConfig,
+    /// The CPU model the guest sees (`--cpu`); `None`: the default (see `cpu_model`).
+    pub cpu: Option<crate::cpu_model::CpuModelName>,
 }
 
 /// A configuration problem.

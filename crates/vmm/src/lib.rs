@@ -5,6 +5,7 @@
 pub mod acpi;
 pub mod boot;
 pub mod config;
+pub mod cpu_model;
 pub mod devices;
 pub mod dirty;
 pub mod exit;

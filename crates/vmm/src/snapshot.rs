@@ -24,8 +24,8 @@ use crate::Error;
 
 const MAGIC: &[u8; 8] = b"FTVMSNAP";
 const END_MAGIC: &[u8; 8] = b"FTVMEND\0";
-/// Current format version.
-pub const VERSION: u32 = 1;
+/// Current format version (2: the state carries a network device's pending received frame).
+pub const VERSION: u32 = 2;
 /// Largest state section we accept (guards against a corrupt length).
 const MAX_STATE_LEN: u64 = 64 << 20;
 

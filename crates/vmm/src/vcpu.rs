@@ -371,11 +371,17 @@ fn run_loop(
     requests: &Receiver<VcpuRequest>,
     responses: &Sender<VcpuResponse>,
 ) {
+    // The last KVM_RUN returned an I/O or MMIO exit that KVM completes (retires the instruction,
+    // stores a read's result) only at the next KVM_RUN.
+    let mut exit_pending = false;
     loop {
         if shared.stop.load(Ordering::Acquire) {
             return;
         }
         if shared.pause.load(Ordering::Acquire) {
+            if std::mem::take(&mut exit_pending) {
+                complete_pending_exit(vcpu, index, shared);
+            }
             if responses.send(VcpuResponse::Paused).is_err() {
                 return;
             }
@@ -406,6 +412,7 @@ fn run_loop(
         }
         match vcpu.run() {
             Ok(exit) => {
+                exit_pending = needs_completion(&exit);
                 if let Some(reason) = handle_exit(exit, shared) {
                     let reason = match reason {
                         ExitReason::Error(msg) => {
@@ -433,6 +440,47 @@ fn run_loop(
             }
         }
     }
+}
+
+/// Whether KVM finishes `exit` only when userspace re-enters KVM_RUN (KVM api.rst, KVM_RUN:
+/// for I/O and MMIO exits "the corresponding operations are complete (and guest state is
+/// consistent) only after userspace has re-entered the kernel with KVM_RUN").
+fn needs_completion(exit: &VcpuExit<'_>) -> bool {
+    matches!(
+        exit,
+        VcpuExit::IoIn(..) | VcpuExit::IoOut(..) | VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..)
+    )
+}
+
+/// Re-enters KVM_RUN with `immediate_exit` set so KVM completes the last exit (stores an
+/// `in`/MMIO read's data, retires the instruction) without running guest code; the state
+/// saved afterwards is consistent. An exit split in fragments may exit again: those are
+/// handled the same way until KVM answers EINTR.
+fn complete_pending_exit(vcpu: &mut VcpuFd, index: u8, shared: &VcpuShared) {
+    vcpu.set_kvm_immediate_exit(1);
+    // Bounded: an MMIO access has at most a few fragments.
+    for _ in 0..8 {
+        match vcpu.run() {
+            Ok(exit) => {
+                let again = needs_completion(&exit);
+                if let Some(reason) = handle_exit(exit, shared) {
+                    shared.exit.set(reason);
+                    break;
+                }
+                if !again {
+                    break;
+                }
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => break,
+            Err(e) => {
+                shared.exit.set(ExitReason::Error(format!(
+                    "vCPU {index}: KVM_RUN (completing an exit before pause) failed: {e}"
+                )));
+                break;
+            }
+        }
+    }
+    vcpu.set_kvm_immediate_exit(0);
 }
 
 /// Handles one exit; returns why the VM must stop, if it must.

@@ -14,19 +14,22 @@ use kvm_bindings::{
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES,
     KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, KernelKind};
 use crate::config::{ConsoleConfig, VmConfig};
+use crate::cpu_model::{self, CpuModel};
 use crate::devices::i8042::I8042;
 use crate::devices::power::AcpiPower;
 use crate::devices::serial::{Console, SerialDevice, SerialSnapshot};
 use crate::devices::virtio::block::{Block, SharedBackend};
+use crate::devices::virtio::block_request::BlockIo;
+use crate::devices::virtio::block_worker::{BlockWorker, IoGate};
 use crate::devices::virtio::disk_log::DiskLog;
-use crate::devices::virtio::mmio::{MmioSnapshot, MmioTransport};
+use crate::devices::virtio::mmio::{MmioSnapshot, MmioTransport, QUEUE_NOTIFY};
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::output::NetOutput;
 use crate::devices::virtio::tap::Tap;
@@ -57,6 +60,8 @@ pub struct VmState {
     pub serial: SerialSnapshot,
     /// Virtio devices in configuration order (disks, then nets).
     pub virtio: Vec<MmioSnapshot>,
+    /// The CPU model the guest sees (feature words, TSC rate).
+    pub cpu: CpuModel,
 }
 
 /// Status for the control API.
@@ -87,6 +92,7 @@ pub struct Vm {
     mem: GuestMemory,
     config: VmConfig,
     kind: KernelKind,
+    cpu: CpuModel,
     shared: Arc<VcpuShared>,
     msr_list: Arc<Vec<u32>>,
     unstarted: Mutex<Vec<VcpuFd>>,
@@ -98,6 +104,12 @@ pub struct Vm {
     net_outputs: Vec<Arc<NetOutput>>,
     disk_logs: Vec<Arc<DiskLog>>,
     disk_backends: Vec<SharedBackend>,
+    /// Each disk's I/O thread, until `start` runs it.
+    disk_workers: Mutex<Vec<BlockWorker>>,
+    /// Pause/stop gates of the disks' I/O threads.
+    io_gates: Vec<Arc<IoGate>>,
+    /// Wakes each disk's I/O thread (its ioeventfd).
+    disk_notifies: Vec<EventFd>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     stop_evt: EventFd,
     exit_status: Arc<Mutex<Option<i32>>>,
@@ -260,7 +272,7 @@ impl Vm {
             ));
         }
         let devices = open_devices(&config)?;
-        let vm = Self::build(config, state.kind, devices, Some(&state.serial))?;
+        let vm = Self::build(config, state.kind, devices, Some(&state.cpu))?;
         fill_memory(&vm.mem)?;
         vm.load_state(state)?;
         Ok(vm)
@@ -280,7 +292,7 @@ impl Vm {
         config: VmConfig,
         kind: KernelKind,
         devices: OpenedDevices,
-        serial_state: Option<&SerialSnapshot>,
+        exact_cpu: Option<&CpuModel>,
     ) -> Result<Vm, Error> {
         vcpu::install_kick_handler().map_err(Error::Kvm)?;
         let kvm = Kvm::new().map_err(|e| {
@@ -332,12 +344,7 @@ impl Vm {
             .register_irqfd(&serial_irq, SERIAL_IRQ)
             .map_err(kvm_err("KVM_IRQFD"))?;
         let console = Console::new(open_console(&config.console)?, exit_status.clone());
-        let serial = match serial_state {
-            Some(s) => SerialDevice::from_snapshot(serial_irq, console, s)
-                .map_err(|e| Error::Snapshot(e.to_string()))?,
-            None => SerialDevice::new(serial_irq, console),
-        };
-        let serial = Arc::new(Mutex::new(serial));
+        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, console)));
         io_bus.insert(u64::from(SERIAL_PORT), 8, serial.clone());
         mmio_bus.insert(SERIAL_MMIO_BASE, 8, serial.clone());
         let power = Arc::new(Mutex::new(AcpiPower::new(exit.clone())));
@@ -357,18 +364,39 @@ impl Vm {
                 .map_err(kvm_err("KVM_IRQFD"))?;
             Ok((irq, VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE))
         };
+        let mut disk_workers = Vec::new();
+        let evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device(e.to_string()));
         for (i, backend) in devices.disks.into_iter().enumerate() {
             let (irq, addr) = slot_of(virtio.len())?;
-            let dev = Block::new(backend, &format!("ftvm-disk{i}"));
-            disk_logs.push(dev.log());
-            disk_backends.push(dev.backend());
+            let backend: SharedBackend = Arc::new(Mutex::new(backend));
+            let log = Arc::<DiskLog>::default();
+            // The guest's notify of queue 0 signals the I/O thread inside KVM, without an exit.
+            let notify = evt()?;
+            vm_fd
+                .register_ioevent(&notify, &IoEventAddress::Mmio(addr + QUEUE_NOTIFY), 0u32)
+                .map_err(kvm_err("KVM_IOEVENTFD"))?;
+            let dev = Block::new(
+                &backend,
+                notify
+                    .try_clone()
+                    .map_err(|e| Error::Device(e.to_string()))?,
+            );
             let t = Arc::new(Mutex::new(MmioTransport::new(
                 Box::new(dev),
                 mem.clone(),
                 irq,
             )));
             mmio_bus.insert(addr, VIRTIO_MMIO_SIZE, t.clone());
-            virtio.push(t);
+            virtio.push(t.clone());
+            disk_logs.push(log.clone());
+            disk_backends.push(backend.clone());
+            disk_workers.push(BlockWorker {
+                transport: t,
+                io: BlockIo::new(backend, log, &format!("ftvm-disk{i}")),
+                mem: mem.clone(),
+                notify,
+                gate: Arc::default(),
+            });
         }
         for (tap, net) in devices.taps.into_iter().zip(&config.nets) {
             let (irq, addr) = slot_of(virtio.len())?;
@@ -389,16 +417,45 @@ impl Vm {
             virtio.push(t);
         }
 
-        let base_cpuid = vcpu::supported_cpuid(&kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::new();
         for i in 0..config.vcpus {
             let fd = vm_fd
                 .create_vcpu(u64::from(i))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            vcpus.push(fd);
+        }
+        let host = cpu_model::HostCpu {
+            supported: vcpu::supported_cpuid(&kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?,
+            tsc_khz: vcpus
+                .first()
+                .and_then(|v| v.get_tsc_khz().ok())
+                .unwrap_or(0),
+            tsc_control: kvm.check_extension(kvm_ioctls::Cap::TscControl),
+        };
+        let (cpu, base_cpuid) = match exact_cpu {
+            Some(model) => {
+                cpu_model::check_provides(model, &host)
+                    .map_err(|e| Error::Config(e.to_string()))?;
+                (model.clone(), cpu_model::apply(model, &host))
+            }
+            None => cpu_model::resolve_default(config.cpu, &host)
+                .map_err(|e| Error::Config(format!("--cpu: {e}")))?,
+        };
+        for (i, fd) in (0u8..).zip(&vcpus) {
             fd.set_cpuid2(&vcpu::cpuid_for(&base_cpuid, i, config.vcpus))
                 .map_err(kvm_err("KVM_SET_CPUID2"))?;
-            vcpu::set_lint(&fd, i).map_err(|e| Error::Kvm(e.to_string()))?;
-            vcpus.push(fd);
+            // A fixed guest TSC rate: the model's, which a restore or failover keeps.
+            if host.tsc_control && cpu.tsc_khz != 0 {
+                if let Err(e) = fd.set_tsc_khz(cpu.tsc_khz) {
+                    if !cpu_model::tsc_close(cpu.tsc_khz, host.tsc_khz) {
+                        return Err(Error::Config(format!(
+                            "cannot run the guest TSC at {} kHz (KVM_SET_TSC_KHZ: {e}); this host's runs at {} kHz",
+                            cpu.tsc_khz, host.tsc_khz
+                        )));
+                    }
+                }
+            }
+            vcpu::set_lint(fd, i).map_err(|e| Error::Kvm(e.to_string()))?;
         }
         let msr_list = Arc::new(
             vcpus
@@ -422,6 +479,7 @@ impl Vm {
             mem,
             config,
             kind,
+            cpu,
             shared,
             msr_list,
             unstarted: Mutex::new(vcpus),
@@ -436,6 +494,13 @@ impl Vm {
             net_outputs,
             disk_logs,
             disk_backends,
+            io_gates: disk_workers.iter().map(|w| w.gate.clone()).collect(),
+            disk_notifies: disk_workers
+                .iter()
+                .map(|w| w.notify.try_clone())
+                .collect::<Result<_, _>>()
+                .map_err(|e| Error::Device(e.to_string()))?,
+            disk_workers: Mutex::new(disk_workers),
             threads: Mutex::new(Vec::new()),
             stop_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Kvm(e.to_string()))?,
             exit_status,
@@ -466,6 +531,16 @@ impl Vm {
             handles.push(h);
         }
         let mut threads = lock(&self.threads);
+        for (i, w) in lock(&self.disk_workers).drain(..).enumerate() {
+            let stop = self
+                .stop_evt
+                .try_clone()
+                .map_err(|e| Error::Device(e.to_string()))?;
+            let t = w
+                .spawn(format!("disk{i}-io"), stop)
+                .map_err(|e| Error::Device(format!("cannot start disk I/O thread: {e}")))?;
+            threads.push(t);
+        }
         for rx in lock(&self.net_rx).drain(..) {
             let stop = self
                 .stop_evt
@@ -491,6 +566,9 @@ impl Vm {
     pub fn start_paused(&self) -> Result<(), Error> {
         let mut depth = lock(&self.pause_depth);
         self.shared.pause.store(true, Ordering::Release);
+        for g in &self.io_gates {
+            g.pause();
+        }
         for t in &self.virtio {
             lock(t).set_paused(true);
         }
@@ -554,6 +632,10 @@ impl Vm {
                 }
             }
         }
+        // Disk I/O threads finish the request they are serving and take no other.
+        for g in &self.io_gates {
+            g.pause();
+        }
         for t in &self.virtio {
             lock(t).set_paused(true);
         }
@@ -597,6 +679,9 @@ impl Vm {
         for t in &self.virtio {
             lock(t).set_paused(false);
         }
+        for g in &self.io_gates {
+            g.resume();
+        }
         self.shared.pause.store(false, Ordering::Release);
         for h in lock(&self.vcpus).iter() {
             h.requests
@@ -609,6 +694,12 @@ impl Vm {
             let _ = k.write(1);
         }
         Ok(())
+    }
+
+    /// Queues `bytes` as serial (COM1) input for the guest; returns how many fit in the UART's
+    /// receive FIFO.
+    pub fn serial_input(&self, bytes: &[u8]) -> usize {
+        lock(&self.serial).enqueue_input(bytes)
     }
 
     /// Whether the VM is paused.
@@ -673,6 +764,7 @@ impl Vm {
             clock: self.vm_fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?,
             serial: lock(&self.serial).snapshot(),
             virtio: self.virtio.iter().map(|t| lock(t).snapshot()).collect(),
+            cpu: self.cpu.clone(),
         })
     }
 
@@ -685,6 +777,15 @@ impl Vm {
             return Err(Error::Snapshot(
                 "the state does not match this VM's vCPUs and devices".into(),
             ));
+        }
+        if state.cpu.words != self.cpu.words {
+            // Named models give the same words on every host that can run them; `host` may
+            // show this host's extra features (the guest keeps every feature it had).
+            tracing::warn!(
+                "the state's CPU model ({}) differs from this VM's ({}) in its feature words",
+                state.cpu.name,
+                self.cpu.name
+            );
         }
         self.vm_fd
             .set_pit2(&state.pit)
@@ -702,6 +803,20 @@ impl Vm {
         {
             let unstarted = lock(&self.unstarted);
             if !unstarted.is_empty() {
+                // A standby built here runs the guest TSC at the rate of the node it came from.
+                let khz = state.cpu.tsc_khz;
+                if khz != 0 && khz != self.cpu.tsc_khz {
+                    for fd in unstarted.iter() {
+                        if let Err(e) = fd.set_tsc_khz(khz) {
+                            if !cpu_model::tsc_close(khz, self.cpu.tsc_khz) {
+                                return Err(Error::Config(format!(
+                                    "cannot run the guest TSC at {khz} kHz (KVM_SET_TSC_KHZ: {e}); this host's runs at {} kHz",
+                                    self.cpu.tsc_khz
+                                )));
+                            }
+                        }
+                    }
+                }
                 for (i, (fd, s)) in unstarted.iter().zip(&state.vcpus).enumerate() {
                     vcpu::restore_state(fd, i as u8, s).map_err(|e| Error::Kvm(e.to_string()))?;
                 }
@@ -723,8 +838,16 @@ impl Vm {
                 }
             }
         }
+        lock(&self.serial)
+            .restore(&state.serial)
+            .map_err(|e| Error::Snapshot(e.to_string()))?;
         for (t, s) in self.virtio.iter().zip(&state.virtio) {
             lock(t).restore(s).map_err(Error::Snapshot)?;
+        }
+        // Requests the guest queued and notified elsewhere (the primary, the snapshotted VM)
+        // are served here: the I/O threads look at their queues once they run.
+        for n in &self.disk_notifies {
+            let _ = n.write(1);
         }
         Ok(())
     }
@@ -768,6 +891,11 @@ impl Vm {
     /// The backend of each disk.
     pub fn disk_backends(&self) -> &[SharedBackend] {
         &self.disk_backends
+    }
+
+    /// The CPU model the guest sees.
+    pub fn cpu_model(&self) -> &CpuModel {
+        &self.cpu
     }
 
     /// The kind of kernel.
@@ -822,6 +950,9 @@ impl Vm {
     pub fn stop(&self) {
         self.shared.stop.store(true, Ordering::Release);
         let _ = self.stop_evt.write(1);
+        for g in &self.io_gates {
+            g.stop();
+        }
         let handles: Vec<VcpuHandle> = lock(&self.vcpus).drain(..).collect();
         for h in &handles {
             kick(&h.thread);

@@ -31,6 +31,7 @@ fn virtio_blk_reads_into_guest_memory_are_in_the_dirty_set() {
         }],
         nets: vec![],
         console: ConsoleConfig::File(console.clone()),
+        cpu: None,
     })
     .unwrap();
     // Start from a clean set: only what happens after boot counts.

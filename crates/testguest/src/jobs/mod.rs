@@ -5,6 +5,7 @@ mod counter;
 mod dirty;
 mod echo;
 mod kv;
+mod serial_rx;
 mod spin;
 
 use crate::cmdline::Args;
@@ -16,7 +17,7 @@ const TCP_SLOTS: usize = 16;
 /// Runs the job named on the command line; never returns.
 pub fn run(args: &Args) -> ! {
     let Some((&name, rest)) = args.job.split_first() else {
-        fatal!("no job: append ` -- JOB [ARGS]` to the command line (jobs: counter, dirty, blk-pattern, tcp-echo, kv, poweroff, fault)");
+        fatal!("no job: append ` -- JOB [ARGS]` to the command line (jobs: counter, dirty, blk-pattern, tcp-echo, kv, serial-rx, poweroff, fault)");
     };
     match name {
         "counter" => counter::run(expect_args(name, rest, 0)),
@@ -40,6 +41,10 @@ pub fn run(args: &Args) -> ! {
         "spin" => {
             let a = expect_at_most(name, rest, 1);
             spin::run(a.first().map_or(0, |r| number(name, r)))
+        }
+        "serial-rx" => {
+            expect_args(name, rest, 0);
+            serial_rx::run()
         }
         "reboot" => {
             expect_args(name, rest, 0);

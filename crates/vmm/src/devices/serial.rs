@@ -72,6 +72,9 @@ impl Write for Console {
     }
 }
 
+/// Size of the UART's receive FIFO (vm-superio's).
+const RX_FIFO_LEN: usize = 64;
+
 /// The serial device on the port bus.
 pub struct SerialDevice {
     uart: Serial<IrqTrigger, NoEvents, Console>,
@@ -92,8 +95,33 @@ impl SerialDevice {
         }
     }
 
-    /// A UART with restored registers.
-    pub fn from_snapshot(irq: EventFd, console: Console, s: &SerialSnapshot) -> io::Result<Self> {
+    /// Loads `s` into this UART (registers and receive FIFO), keeping its interrupt line and
+    /// console: what a failover or a restore into a built VM does.
+    pub fn restore(&mut self, s: &SerialSnapshot) -> io::Result<()> {
+        if s.in_buffer.len() > RX_FIFO_LEN {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "serial state: {} bytes in the receive FIFO, at most {RX_FIFO_LEN} fit",
+                    s.in_buffer.len()
+                ),
+            ));
+        }
+        let irq = self.uart.interrupt_evt().0.try_clone()?;
+        let placeholder = Console::new(Box::new(io::sink()), Arc::default());
+        let old = std::mem::replace(
+            &mut self.uart,
+            Serial::new(IrqTrigger(irq.try_clone()?), placeholder),
+        );
+        self.uart = Self::uart_from(IrqTrigger(irq), old.into_writer(), s)?;
+        Ok(())
+    }
+
+    fn uart_from(
+        irq: IrqTrigger,
+        console: Console,
+        s: &SerialSnapshot,
+    ) -> io::Result<Serial<IrqTrigger, NoEvents, Console>> {
         let r = s.regs;
         let state = SerialState {
             baud_divisor_low: r[0],
@@ -107,10 +135,8 @@ impl SerialDevice {
             scratch: r[8],
             in_buffer: s.in_buffer.clone(),
         };
-        let uart = Serial::from_state(&state, IrqTrigger(irq), NoEvents, console).map_err(|e| {
-            io::Error::new(io::ErrorKind::InvalidData, format!("serial state: {e:?}"))
-        })?;
-        Ok(Self { uart })
+        Serial::from_state(&state, irq, NoEvents, console)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("serial state: {e:?}")))
     }
 
     /// The UART registers and FIFO.

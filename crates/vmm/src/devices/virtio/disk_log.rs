@@ -43,3 +43,43 @@ impl DiskLog {
             .unwrap_or_default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_only_while_enabled() {
+        let log = DiskLog::default();
+        log.record(0, b"before");
+        assert!(log.seal().is_empty(), "nothing is kept before enable");
+        log.enable();
+        log.record(512, b"one");
+        log.enable(); // enabling again keeps what is recorded
+        log.record(0, b"two");
+        log.disable();
+        assert!(log.seal().is_empty(), "disable drops the records");
+        log.record(4096, b"after");
+        assert!(log.seal().is_empty());
+    }
+
+    #[test]
+    fn seal_takes_one_epoch_in_order() {
+        let log = DiskLog::default();
+        log.enable();
+        log.record(512, b"a");
+        log.record(0, b"bb");
+        log.record(512, b"c");
+        assert_eq!(
+            log.seal(),
+            vec![
+                (512, b"a".to_vec()),
+                (0, b"bb".to_vec()),
+                (512, b"c".to_vec())
+            ]
+        );
+        assert!(log.seal().is_empty(), "an epoch's writes are sealed once");
+        log.record(1024, b"next");
+        assert_eq!(log.seal(), vec![(1024, b"next".to_vec())]);
+    }
+}

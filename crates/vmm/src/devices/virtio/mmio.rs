@@ -51,6 +51,18 @@ pub struct MmioSnapshot {
     pub device: DeviceSnapshot,
 }
 
+/// Offset of the QueueNotify register (an I/O thread's ioeventfd sits here).
+pub const QUEUE_NOTIFY: u64 = 0x050;
+
+/// A descriptor chain an I/O thread took from a queue, to give back with `complete`.
+pub struct PoppedChain {
+    queue: usize,
+    head: u16,
+    generation: u64,
+    /// The chain's descriptors: guest address, length, device-writable.
+    pub descs: Vec<super::block_request::Desc>,
+}
+
 /// A virtio device on its MMIO window.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
@@ -65,6 +77,9 @@ pub struct MmioTransport {
     interrupt_status: u32,
     config_generation: u32,
     paused: bool,
+    /// Bumped whenever the queues are replaced (reset, restore), so a chain popped before
+    /// is not completed into the new queues.
+    queue_generation: u64,
 }
 
 fn new_queues(max_sizes: &[u16]) -> Vec<Queue> {
@@ -93,6 +108,7 @@ impl MmioTransport {
             interrupt_status: 0,
             config_generation: 0,
             paused: false,
+            queue_generation: 0,
         }
     }
 
@@ -105,6 +121,8 @@ impl MmioTransport {
                 self.queues.len()
             ));
         }
+        self.device.restore(&s.device)?;
+        self.queue_generation += 1;
         self.device_features_sel = s.device_features_sel;
         self.driver_features_sel = s.driver_features_sel;
         self.acked_features = s.acked_features;
@@ -191,7 +209,45 @@ impl MmioTransport {
         self.paused || !self.driver_ok() || self.device.backend_blocked()
     }
 
+    /// Takes the next available chain of `queue` for an I/O thread (none unless the driver is
+    /// ready). The chain's length is bounded by the queue size.
+    pub fn pop_chain(&mut self, queue: usize) -> Option<PoppedChain> {
+        if !self.driver_ok() {
+            return None;
+        }
+        let q = self.queues.get_mut(queue)?;
+        if !q.ready() {
+            return None;
+        }
+        let chain = q.pop_descriptor_chain(&self.mem)?;
+        let head = chain.head_index();
+        let descs = chain
+            .map(|d| (d.addr(), d.len(), d.is_write_only()))
+            .collect();
+        Some(PoppedChain {
+            queue,
+            head,
+            generation: self.queue_generation,
+            descs,
+        })
+    }
+
+    /// Puts a chain served by an I/O thread in the used ring (`used` bytes written to it) and
+    /// interrupts the guest; dropped if the queues were reset meanwhile.
+    pub fn complete(&mut self, chain: PoppedChain, used: u32) {
+        if chain.generation != self.queue_generation {
+            return;
+        }
+        let Some(q) = self.queues.get_mut(chain.queue) else {
+            return;
+        };
+        if q.add_used(&self.mem, chain.head, used).is_ok() {
+            self.signal_used();
+        }
+    }
+
     fn reset(&mut self) {
+        self.queue_generation += 1;
         self.queues = new_queues(self.device.queue_max_sizes());
         self.acked_features = 0;
         self.driver_features_sel = 0;
@@ -332,3 +388,7 @@ impl BusDevice for MmioTransport {
         self.write_reg(offset, v);
     }
 }
+
+#[cfg(test)]
+#[path = "mmio_tests.rs"]
+mod tests;

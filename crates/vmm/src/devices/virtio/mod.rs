@@ -1,6 +1,8 @@
 //! Virtio devices (block, net) behind the virtio-mmio transport.
 
 pub mod block;
+pub mod block_request;
+pub mod block_worker;
 pub mod disk_log;
 pub mod mmio;
 pub mod net;
@@ -24,10 +26,13 @@ pub const TYPE_BLOCK: u32 = 2;
 pub enum DeviceSnapshot {
     /// virtio-blk: nothing beyond the transport and the backing file.
     Block,
-    /// virtio-net: its MAC.
+    /// virtio-net: its MAC and a received frame still waiting for a guest buffer.
     Net {
         /// The MAC the guest sees.
         mac: [u8; 6],
+        /// A frame read from the tap that no receive buffer has taken yet (without the virtio
+        /// header); it reaches the guest after a restore or failover as it would have here.
+        rx_pending: Option<Vec<u8>>,
     },
 }
 
@@ -53,6 +58,8 @@ pub trait VirtioDevice: Send {
     }
     /// Device-specific snapshot state.
     fn snapshot(&self) -> DeviceSnapshot;
+    /// Loads device-specific state taken from a device of the same kind.
+    fn restore(&mut self, s: &DeviceSnapshot) -> Result<(), String>;
 }
 
 /// Copies the part of `config` at `offset` into `data`; bytes past its end read as zero.

@@ -177,6 +177,41 @@ impl VirtioDevice for Net {
     }
 
     fn snapshot(&self) -> DeviceSnapshot {
-        DeviceSnapshot::Net { mac: self.mac }
+        DeviceSnapshot::Net {
+            mac: self.mac,
+            rx_pending: self
+                .pending
+                .map(|n| self.frame[NET_HDR_LEN..NET_HDR_LEN + n].to_vec()),
+        }
+    }
+
+    fn restore(&mut self, s: &DeviceSnapshot) -> Result<(), String> {
+        let DeviceSnapshot::Net { mac, rx_pending } = s else {
+            return Err(format!("a network device cannot load {s:?}"));
+        };
+        if *mac != self.mac {
+            return Err(format!(
+                "the snapshot's network interface has MAC {mac:02x?}, this one {:02x?}",
+                self.mac
+            ));
+        }
+        match rx_pending {
+            Some(f) if f.len() > MAX_FRAME => {
+                return Err(format!(
+                    "pending received frame of {} bytes is larger than {MAX_FRAME}",
+                    f.len()
+                ))
+            }
+            Some(f) => {
+                self.frame[NET_HDR_LEN..NET_HDR_LEN + f.len()].copy_from_slice(f);
+                self.pending = Some(f.len());
+            }
+            None => self.pending = None,
+        }
+        Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "net_tests.rs"]
+mod tests;
