@@ -105,6 +105,7 @@ impl Direction {
     }
 
     /// Seals a frame whose payload is the concatenation of `parts`; returns its wire bytes.
+    #[inline(never)]
     pub fn seal(&mut self, kind: u8, parts: &[&[u8]]) -> Result<Vec<u8>, LinkError> {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         if len > self.max_payload {
@@ -159,19 +160,36 @@ impl Direction {
         let counter = self.next()?;
         let mut head = [0u8; HEADER_LEN + TAG_LEN];
         r.read_exact(&mut head)?;
-        let result = self.open(r, counter, &head);
-        if matches!(result, Err(LinkError::Auth(_) | LinkError::Format(_))) {
-            self.broken = true;
-        }
-        result
+        let len = self.check(self.open_header(counter, &head))?;
+        let mut payload = vec![0u8; len];
+        r.read_exact(&mut payload)?;
+        let mut tag = [0u8; TAG_LEN];
+        r.read_exact(&mut tag)?;
+        self.check(self.open_payload(counter, &head, &mut payload, &tag))?;
+        self.counter += 1;
+        Ok(Received {
+            kind: head[5],
+            counter,
+            payload,
+        })
     }
 
-    fn open(
-        &mut self,
-        r: &mut impl Read,
+    /// Marks the direction unusable after a refused frame.
+    fn check<T>(&mut self, r: Result<T, LinkError>) -> Result<T, LinkError> {
+        if matches!(r, Err(LinkError::Auth(_) | LinkError::Format(_))) {
+            self.broken = true;
+        }
+        r
+    }
+
+    // The cipher work stays out of the generic `recv` so that it is compiled (optimised) here,
+    // not in each caller.
+    #[inline(never)]
+    fn open_header(
+        &self,
         counter: u64,
         head: &[u8; HEADER_LEN + TAG_LEN],
-    ) -> Result<Received, LinkError> {
+    ) -> Result<usize, LinkError> {
         let (h, htag) = head.split_at(HEADER_LEN);
         if &h[0..4] != MAGIC {
             return Err(LinkError::Format(
@@ -196,24 +214,25 @@ impl Direction {
                 max: self.max_payload,
             });
         }
-        let mut payload = vec![0u8; len];
-        r.read_exact(&mut payload)?;
-        let mut tag = [0u8; TAG_LEN];
-        r.read_exact(&mut tag)?;
+        Ok(len)
+    }
+
+    #[inline(never)]
+    fn open_payload(
+        &self,
+        counter: u64,
+        head: &[u8; HEADER_LEN + TAG_LEN],
+        payload: &mut [u8],
+        tag: &[u8; TAG_LEN],
+    ) -> Result<(), LinkError> {
         self.aead
             .decrypt_inout_detached(
                 &nonce(counter, 1),
-                h,
-                payload.as_mut_slice().into(),
-                &Tag::from(tag),
+                &head[..HEADER_LEN],
+                payload.into(),
+                &Tag::from(*tag),
             )
-            .map_err(|_| auth_failed())?;
-        self.counter += 1;
-        Ok(Received {
-            kind: h[5],
-            counter,
-            payload,
-        })
+            .map_err(|_| auth_failed())
     }
 }
 

@@ -265,8 +265,17 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Opens the qcow2 image at `path`; its backing file (if any) is opened read-only.
+    /// Opens the qcow2 image at `path`; its backing chain (if any) is opened read-only, at most
+    /// [`crate::format::MAX_BACKING_DEPTH`] deep and never looping.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, OpenError> {
+        Self::open_in_chain(path, read_only, &mut Vec::new())
+    }
+
+    pub(crate) fn open_in_chain(
+        path: &Path,
+        read_only: bool,
+        chain: &mut crate::format::Chain,
+    ) -> Result<Self, OpenError> {
         let fmt_err = |reason: String| OpenError::Format {
             path: path.display().to_string(),
             reason,
@@ -279,10 +288,16 @@ impl Qcow2 {
                 path: path.display().to_string(),
                 source,
             })?;
-        Self::from_file(file, path, read_only).map_err(|e| fmt_err(e.to_string()))
+        crate::format::enter(chain, &file, path).map_err(|e| fmt_err(e.to_string()))?;
+        Self::from_file(file, path, read_only, chain).map_err(|e| fmt_err(e.to_string()))
     }
 
-    fn from_file(file: File, path: &Path, read_only: bool) -> io::Result<Self> {
+    fn from_file(
+        file: File,
+        path: &Path,
+        read_only: bool,
+        chain: &mut crate::format::Chain,
+    ) -> io::Result<Self> {
         let file_len = file.metadata()?.len();
         let mut h = [0u8; 112];
         let got = read_upto(&file, &mut h, 0)?;
@@ -449,15 +464,11 @@ impl Qcow2 {
                 } else {
                     path.parent().unwrap_or(Path::new(".")).join(p)
                 };
-                let b: Box<dyn BlockBackend> = match backing_format.as_deref() {
-                    Some("raw") => Box::new(
-                        crate::RawFile::open(&full, true)
-                            .map_err(|e| io::Error::other(format!("backing file: {e}")))?,
-                    ),
-                    _ => crate::open_backend(&full, true)
-                        .map_err(|e| io::Error::other(format!("backing file: {e}")))?,
-                };
-                Some(b)
+                Some(crate::format::open_backing(
+                    &full,
+                    backing_format.as_deref(),
+                    chain,
+                )?)
             }
         };
 
