@@ -127,7 +127,8 @@ pub struct Conn {
 
 impl Conn {
     /// Runs the link handshake on `stream` with `secret` as `role` (initiator: the volume's
-    /// owner), waiting at most [`HANDSHAKE_TIMEOUT`] for the peer, then restores `read_timeout`.
+    /// owner), waiting at most [`HANDSHAKE_TIMEOUT`] (or the shorter `read_timeout`) for the
+    /// peer, then sets `read_timeout`.
     pub fn establish(
         stream: TcpStream,
         secret: &Secret,
@@ -135,7 +136,8 @@ impl Conn {
         read_timeout: Option<Duration>,
     ) -> io::Result<Conn> {
         stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        let wait = read_timeout.map_or(HANDSHAKE_TIMEOUT, |t| t.min(HANDSHAKE_TIMEOUT));
+        stream.set_read_timeout(Some(wait))?;
         let mut rd = BufReader::with_capacity(1 << 20, stream.try_clone()?);
         let mut wr = BufWriter::with_capacity(1 << 20, stream);
         let s = link::handshake(
