@@ -19,8 +19,13 @@ pub const MAX_PAYLOAD: usize = 1 << 30;
 /// The channel's service name (keys of the A-link never open mirror frames and back).
 const SERVICE: &str = "a-link";
 
+/// Bytes each side's handshake hello takes before its first frame (a proxy skips them).
+pub const HELLO_LEN: usize = link::HELLO_LEN;
+
 /// A frame's total length on the wire from its first `link::HEADER_LEN` (16) bytes, or `None`
 /// when that is not a frame header (for proxies that drop exactly one frame; unauthenticated).
+/// Each direction starts with a [`HELLO_LEN`]-byte hello, then frames (the first one is the
+/// handshake's key confirmation).
 pub fn frame_len(header: &[u8]) -> Option<usize> {
     link::frame_len(header)
 }
