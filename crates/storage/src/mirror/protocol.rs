@@ -3,8 +3,9 @@
 //! the cluster secret reads or writes a replica.
 //!
 //! Each link frame's kind byte is a [`Kind`]; its payload is `seq u64 BE | offset u64 BE | data`
-//! (a reply carries its request's `seq`). Link frames are versioned, authenticated (a tampered,
-//! replayed or reordered frame is refused) and bounded before their payload is read.
+//! (a reply carries its request's `seq`). Link frames are versioned (the link's version covers
+//! this layout too), authenticated (a tampered, replayed or reordered frame is refused) and
+//! bounded before their payload is read.
 
 use std::io::{self, BufReader, BufWriter};
 use std::net::TcpStream;
@@ -12,8 +13,6 @@ use std::time::Duration;
 
 use link::{Direction, LinkError, Role, Secret};
 
-/// Protocol version spoken (of the requests inside the link frames).
-pub const VERSION: u8 = 2;
 /// Largest data accepted in one frame.
 pub const MAX_PAYLOAD: usize = 64 << 20;
 const PREFIX: usize = 16;
