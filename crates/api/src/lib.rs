@@ -9,7 +9,10 @@
 //! | POST | /shutdown | | |
 //! | GET | /memory-checksum | | CRC32 of guest memory (VM must be paused) |
 //!
-//! Errors answer 4xx/5xx with `{"error": "..."}`.
+//! Errors answer 4xx/5xx with `{"error": "..."}`. The socket is created mode 0600, and a
+//! connection from any uid other than root's and the socket owner's is answered 403.
+
+mod socket;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -137,17 +140,7 @@ pub fn serve(path: &Path, ctl: Arc<dyn Control>) -> Result<ApiServer, ApiError> 
         path: path.display().to_string(),
         error,
     };
-    if path.exists() {
-        // Refuse to steal a live socket; replace a stale one.
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(sock_err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                "another monitor is listening there; choose another --api-sock",
-            )));
-        }
-        std::fs::remove_file(path).map_err(sock_err)?;
-    }
-    let std_listener = std::os::unix::net::UnixListener::bind(path).map_err(sock_err)?;
+    let (std_listener, owner) = socket::bind_private(path).map_err(sock_err)?;
     std_listener.set_nonblocking(true).map_err(sock_err)?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::Builder::new()
@@ -171,7 +164,13 @@ pub fn serve(path: &Path, ctl: Arc<dyn Control>) -> Result<ApiServer, ApiError> 
                         return;
                     }
                 };
-                let server = axum::serve(listener, router(ctl)).with_graceful_shutdown(async {
+                let app = router(ctl)
+                    .layer(axum::middleware::from_fn_with_state(
+                        owner,
+                        socket::only_owner,
+                    ))
+                    .into_make_service_with_connect_info::<socket::Peer>();
+                let server = axum::serve(listener, app).with_graceful_shutdown(async {
                     let _ = rx.await;
                 });
                 if let Err(e) = server.await {

@@ -140,19 +140,22 @@ fn measure(dir: &Path, size: u64, json: bool) -> anyhow::Result<i32> {
     drop(local);
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?.to_string();
+    // Both ends live in this process: a fixed secret is enough for the measurement.
+    let secret = storage::mirror::Secret::new(&b"ftvm bench storage (loopback only)"[..])?;
     let _target = MirrorTarget::spawn(
         listener,
         Box::new(RawFile::open(&peer_p, false)?),
         "bench",
         1,
         &dir.join("peer.target.json"),
+        secret.clone(),
     )?;
     let bm = dir.join("local.bitmap");
     // Start from a known, identical pair: no initial full sync in the measurement.
     let mut b = DirtyBitmap::open(&bm, size, 1 << 20)?;
     b.set_peer_id(1)?;
     drop(b);
-    let mut cfg = MirrorConfig::new(&addr, "bench", bm.clone());
+    let mut cfg = MirrorConfig::new(&addr, "bench", bm.clone(), secret);
     cfg.background = false;
     let mut m = MirroredBackend::open(Box::new(RawFile::open(&local_p, false)?), cfg.clone())?;
     anyhow::ensure!(

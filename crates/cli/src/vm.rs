@@ -45,8 +45,9 @@ pub struct FtArgs {
     /// Protect the VM with FT: the backup's A-link address (it runs `ftvm vm backup --listen`).
     #[arg(long, value_name = "ADDR:PORT")]
     pub ft_peer: Option<std::net::SocketAddr>,
-    /// File holding the cluster secret that authenticates A-link frames (or set FTVM_FT_SECRET).
-    #[arg(long, value_name = "PATH")]
+    /// File holding the cluster secret that authenticates and encrypts the A-link and disk
+    /// mirroring (or set FTVM_FT_SECRET).
+    #[arg(long, value_name = "PATH", visible_alias = "secret-file")]
     pub ft_secret_file: Option<PathBuf>,
     /// Shortest checkpoint interval, ms.
     #[arg(long, default_value_t = 2)]
@@ -85,8 +86,8 @@ pub struct BackupArgs {
     /// Serve the control API on this Unix socket.
     #[arg(long)]
     pub api_sock: Option<PathBuf>,
-    /// File holding the cluster secret (or set FTVM_FT_SECRET).
-    #[arg(long, value_name = "PATH")]
+    /// File holding the cluster secret (or set FTVM_FT_SECRET); also for mirrored disks.
+    #[arg(long, value_name = "PATH", visible_alias = "secret-file")]
     pub ft_secret_file: Option<PathBuf>,
     /// A-link silence after which the primary is declared lost, ms.
     #[arg(long, default_value_t = 100)]
@@ -130,8 +131,9 @@ pub struct RunArgs {
     /// or x86-64 on a host whose KVM cannot offer v2.
     #[arg(long)]
     pub cpu: Option<vmm::cpu_model::CpuModelName>,
-    /// A disk: PATH[,readonly][,mirror=ADDR:PORT] (mirror: synchronous copy to
-    /// `ftvm volume mirror-serve` on the peer node). Repeat for more.
+    /// A disk: PATH[,format=raw|qcow2][,readonly][,mirror=ADDR:PORT] (format: without it a
+    /// pool volume's metadata decides, else raw, and a file that looks like qcow2 is refused;
+    /// mirror: synchronous copy to `ftvm volume mirror-serve` on the peer). Repeat for more.
     #[arg(long = "disk")]
     pub disks: Vec<String>,
     /// A network interface: tap=NAME[,mac=MAC]. Repeat for more.
@@ -245,20 +247,39 @@ fn parse_disk(s: &str) -> anyhow::Result<DiskConfig> {
         .context("--disk needs a path: --disk PATH[,readonly]")?;
     let mut read_only = false;
     let mut mirror = None;
+    let mut format = None;
     for opt in parts {
         match opt.split_once('=') {
             None if opt == "readonly" || opt == "ro" => read_only = true,
             Some(("mirror", peer)) if !peer.is_empty() => mirror = Some(peer.to_string()),
+            Some(("format", f)) => {
+                format = Some(f.parse().map_err(|e| anyhow::anyhow!("--disk {path}: {e}"))?)
+            }
             _ => bail!(
-                "unknown --disk option {opt:?}: use --disk PATH[,readonly][,mirror=ADDR:PORT]"
+                "unknown --disk option {opt:?}: use --disk PATH[,format=raw|qcow2][,readonly][,mirror=ADDR:PORT]"
             ),
         }
     }
     Ok(DiskConfig {
         path: PathBuf::from(path),
         read_only,
+        format,
         mirror,
+        secret: None,
     })
+}
+
+/// Gives every mirrored disk the cluster secret (`file` or FTVM_FT_SECRET); loads it only when
+/// a disk is mirrored.
+fn attach_secrets(disks: &mut [DiskConfig], file: Option<&Path>) -> anyhow::Result<()> {
+    if disks.iter().any(|d| d.mirror.is_some()) {
+        let secret = storage::mirror::Secret::load(file, "--secret-file")
+            .context("a disk is mirrored (--disk PATH,mirror=ADDR:PORT)")?;
+        for d in disks.iter_mut().filter(|d| d.mirror.is_some()) {
+            d.secret = Some(secret.clone());
+        }
+    }
+    Ok(())
 }
 
 fn parse_net(s: &str) -> anyhow::Result<NetConfig> {
@@ -320,6 +341,12 @@ fn build_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
             None => format!("{cmdline} {arg}").trim().to_string(),
         };
     }
+    let mut disks: Vec<DiskConfig> = args
+        .disks
+        .iter()
+        .map(|d| parse_disk(d))
+        .collect::<anyhow::Result<_>>()?;
+    attach_secrets(&mut disks, args.ft.ft_secret_file.as_deref())?;
     Ok(VmConfig {
         kernel,
         initrd,
@@ -327,11 +354,7 @@ fn build_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
         vcpus: args.vcpus,
         mem_mib: args.mem,
         cpu: args.cpu,
-        disks: args
-            .disks
-            .iter()
-            .map(|d| parse_disk(d))
-            .collect::<anyhow::Result<_>>()?,
+        disks,
         nets: args
             .nets
             .iter()
@@ -429,19 +452,8 @@ impl api::Control for VmControl {
 
 /// Reads the cluster secret from `file` or FTVM_FT_SECRET.
 fn read_secret(file: Option<&Path>) -> anyhow::Result<Vec<u8>> {
-    let secret = match file {
-        Some(f) => std::fs::read(f)
-            .with_context(|| format!("cannot read the cluster secret {}", f.display()))?,
-        None => match std::env::var("FTVM_FT_SECRET") {
-            Ok(s) => s.into_bytes(),
-            Err(_) => bail!("FT needs the cluster secret: --ft-secret-file PATH or FTVM_FT_SECRET"),
-        },
-    };
-    let trimmed: Vec<u8> = secret.trim_ascii().to_vec();
-    if trimmed.len() < 16 {
-        bail!("the cluster secret is {} bytes; use at least 16 (e.g. `head -c 32 /dev/urandom | base64`)", trimmed.len());
-    }
-    Ok(trimmed)
+    let s = storage::mirror::Secret::load(file, "--ft-secret-file").context("FT protection")?;
+    Ok(s.as_bytes().to_vec())
 }
 
 fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
@@ -507,11 +519,12 @@ impl api::Control for BackupControl {
 
 fn backup_vm(args: BackupArgs) -> anyhow::Result<i32> {
     let secret = read_secret(args.ft_secret_file.as_deref())?;
-    let disks = args
+    let mut disks = args
         .disks
         .iter()
         .map(|d| parse_disk(d))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    attach_secrets(&mut disks, args.ft_secret_file.as_deref())?;
     let taps = args
         .nets
         .iter()
@@ -561,6 +574,7 @@ fn backup_vm(args: BackupArgs) -> anyhow::Result<i32> {
 fn restore_vm(args: RestoreArgs) -> anyhow::Result<i32> {
     let snap = SnapshotFile::open(&args.snapshot)?;
     let mut config = snap.state.config.clone();
+    attach_secrets(&mut config.disks, None)?;
     if !args.nets.is_empty() {
         let nets: Vec<NetConfig> = args
             .nets

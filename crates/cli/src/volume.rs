@@ -118,9 +118,12 @@ pub enum VolumeCommand {
         /// Volume name.
         #[arg(long)]
         name: String,
-        /// Listen address, e.g. 0.0.0.0:7800.
+        /// Listen address, e.g. 0.0.0.0:7800 (only nodes with the cluster secret get in).
         #[arg(long)]
         listen: String,
+        /// Cluster secret file (default: FTVM_FT_SECRET), the same on both nodes.
+        #[arg(long)]
+        secret_file: Option<PathBuf>,
     },
     /// Write a deterministic pattern through the mirror (tests and demos).
     MirrorExercise {
@@ -178,6 +181,9 @@ pub struct MirrorArgs {
     /// Peer I/O timeout in milliseconds.
     #[arg(long, default_value_t = 5000)]
     timeout_ms: u64,
+    /// Cluster secret file (default: FTVM_FT_SECRET), the same on both nodes.
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
 }
 
 /// `ftvm volume snapshot` subcommands.
@@ -237,17 +243,27 @@ fn bar(len: u64, bytes: bool) -> ProgressBar {
     pb
 }
 
-fn mirror_cfg(pool: &Pool, m: &MirrorArgs) -> MirrorConfig {
-    let mut c = MirrorConfig::new(&m.peer, &m.name, pool.side_path(&m.name, "mirror-bitmap"));
+/// The cluster secret from `--secret-file` or FTVM_FT_SECRET.
+pub fn load_secret(file: Option<&Path>) -> anyhow::Result<mirror::Secret> {
+    Ok(mirror::Secret::load(file, "--secret-file")?)
+}
+
+fn mirror_cfg(pool: &Pool, m: &MirrorArgs) -> anyhow::Result<MirrorConfig> {
+    let mut c = MirrorConfig::new(
+        &m.peer,
+        &m.name,
+        pool.side_path(&m.name, "mirror-bitmap"),
+        load_secret(m.secret_file.as_deref())?,
+    );
     c.state_path = Some(pool.side_path(&m.name, "mirror-state.json"));
     c.io_timeout = Duration::from_millis(m.timeout_ms.max(1));
-    c
+    Ok(c)
 }
 
 fn open_mirror(m: &MirrorArgs) -> anyhow::Result<(Pool, MirroredBackend)> {
     let pool = Pool::open(&m.pool)?;
     let local = pool.open_volume(&m.name, false)?;
-    let cfg = mirror_cfg(&pool, m);
+    let cfg = mirror_cfg(&pool, m)?;
     let mb = MirroredBackend::open(local, cfg)
         .with_context(|| format!("opening the mirror of volume {:?}", m.name))?;
     Ok((pool, mb))
@@ -429,7 +445,13 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<i32> {
             Ok(0)
         }
         VolumeCommand::Snapshot(s) => snapshot(s),
-        VolumeCommand::MirrorServe { pool, name, listen } => {
+        VolumeCommand::MirrorServe {
+            pool,
+            name,
+            listen,
+            secret_file,
+        } => {
+            let secret = load_secret(secret_file.as_deref())?;
             let p = Pool::open(&pool)?;
             let meta = p.load(&name)?;
             let disk = p.open_volume(&name, false)?;
@@ -441,6 +463,7 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<i32> {
                 &name,
                 meta.replica_id,
                 &p.side_path(&name, "mirror-target.json"),
+                secret,
             )?;
             println!("mirror target for {name:?} listening on {}", t.local_addr());
             loop {
@@ -498,7 +521,7 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<i32> {
         VolumeCommand::Verify { m, region_size } => {
             let pool = Pool::open(&m.pool)?;
             let mut local = pool.open_volume(&m.name, true)?;
-            let cfg = mirror_cfg(&pool, &m);
+            let cfg = mirror_cfg(&pool, &m)?;
             let pb = bar(local.size(), true);
             let diffs = mirror::verify(local.as_mut(), &cfg, region_size, &mut |d, t| {
                 pb.set_length(t);

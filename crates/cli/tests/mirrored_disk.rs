@@ -25,6 +25,9 @@ fn guest_writes_reach_the_peer_replica_synchronously() {
         "volume", "create", "--pool", &pb, "--name", "v", "--size", "8M", "--format", "raw",
     ]);
     let addr = format!("127.0.0.1:{}", free_port());
+    // The monitor gets the secret by file, the target by FTVM_FT_SECRET (volume_util).
+    let secret_file = d.path("secret");
+    std::fs::write(&secret_file, SECRET).unwrap();
     let mut target = Proc::spawn(&[
         "volume",
         "mirror-serve",
@@ -52,6 +55,8 @@ fn guest_writes_reach_the_peer_replica_synchronously() {
         "-- blk-pattern 4096",
         "--disk",
         &disk,
+        "--secret-file",
+        &secret_file.display().to_string(),
         "--console",
         &format!("file:{}", console.display()),
     ]

@@ -14,7 +14,7 @@ use crate::announce::rarp_frame;
 use crate::pages;
 use crate::protocol::{self, Ack, Checkpoint, Hello};
 use crate::status::{FtState, FtStatus};
-use crate::wire::{self, Channel, Kind, WireError};
+use crate::wire::{self, Kind, WireError};
 use crate::Error;
 
 /// How the backup is set up.
@@ -82,23 +82,11 @@ pub fn run_backup(opts: &BackupOptions, status: Arc<FtStatus>) -> Result<BackupO
         stream.try_clone().map_err(|e| Error::Io(e.to_string()))?,
     );
     let mut w = BufWriter::new(stream);
-    let (mut tx, mut rx) = (Channel::new(), Channel::new());
-
     // Key exchange, then the authenticated Hello.
-    let our_nonce = wire::nonce().map_err(|e| Error::Io(e.to_string()))?;
-    tx.send(&mut w, Kind::Challenge, &our_nonce)?;
     r.get_ref()
         .set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| Error::Io(e.to_string()))?;
-    let challenge = rx.recv(&mut r)?;
-    let primary_nonce: [u8; 16] = challenge
-        .payload
-        .as_slice()
-        .try_into()
-        .map_err(|_| Error::Protocol("bad challenge".into()))?;
-    let key = wire::session_key(&opts.secret, &our_nonce, &primary_nonce);
-    tx.set_key(key);
-    rx.set_key(key);
+    let (mut tx, mut rx) = wire::handshake(&mut r, &mut w, &opts.secret, wire::Role::Responder)?;
     let hello = rx.recv(&mut r)?;
     if hello.kind != Kind::Hello {
         return Err(Error::Protocol(format!(

@@ -335,17 +335,12 @@ impl Primary {
             .get_ref()
             .set_read_timeout(Some(Duration::from_secs(30)))
             .map_err(|e| Error::Io(e.to_string()))?;
-        let challenge = self.rx.recv(&mut link.r)?;
-        let backup_nonce: [u8; 16] = challenge
-            .payload
-            .as_slice()
-            .try_into()
-            .map_err(|_| Error::Protocol("bad challenge".into()))?;
-        let our_nonce = wire::nonce().map_err(|e| Error::Io(e.to_string()))?;
-        self.tx.send(&mut link.w, Kind::Challenge, &our_nonce)?;
-        let key = wire::session_key(&self.opts.secret, &backup_nonce, &our_nonce);
-        self.tx.set_key(key);
-        self.rx.set_key(key);
+        (self.tx, self.rx) = wire::handshake(
+            &mut link.r,
+            &mut link.w,
+            &self.opts.secret,
+            wire::Role::Initiator,
+        )?;
         let hello = Hello {
             config: self.vm.config().clone(),
             kind: self.vm.kind(),

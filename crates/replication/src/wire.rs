@@ -1,39 +1,42 @@
-//! The A-link wire format: versioned, length-prefixed frames with a CRC32 and an HMAC-SHA256
-//! tag under a per-session key.
+//! The A-link wire format: FT frames on the authenticated, encrypted channel of crate `link`.
 //!
-//! ```text
-//! header (28 bytes): "FTRP" | version u16 | kind u8 | flags u8 | seq u64 | len u32
-//!                    | payload crc32 u32 | header crc32 u32 (over the 24 bytes before it)
-//! payload (len bytes)
-//! tag (32 bytes): HMAC-SHA256(session key, header || payload)
-//! ```
-//! The session key is HMAC(cluster secret, "ftvm-session" || backup nonce || primary nonce), so a
-//! frame from another session never verifies, and `seq` must grow by one per frame in each
-//! direction, so a replayed or dropped frame is refused. A frame is returned only when all of it
-//! arrived and verified; nothing of a bad frame is ever used.
+//! [`handshake`] derives a key per direction from the cluster secret and both sides' nonces
+//! (HKDF) and confirms them (a peer with another secret is refused at once). Every frame is then
+//! ChaCha20-Poly1305-sealed with its direction's frame counter as nonce, its clear header (kind,
+//! length) authenticated and bounded before the payload is read, so a tampered, replayed,
+//! dropped, reordered or reflected frame is refused and an unauthenticated peer makes the node
+//! allocate nothing. A frame is returned only when all of it arrived and verified.
 
 use std::io::{self, Read, Write};
 
-use hmac::{Hmac, KeyInit, Mac};
-use sha2::Sha256;
+pub use link::Role;
+use link::{Direction, LinkError, Secret};
 
-const MAGIC: &[u8; 4] = b"FTRP";
-/// Wire format version.
-pub const VERSION: u16 = 1;
-const HEADER_LEN: usize = 28;
-const TAG_LEN: usize = 32;
+/// Wire format version (of the frames, see `link::VERSION`).
+pub const VERSION: u16 = 2;
 /// Largest payload accepted (a checkpoint of 1 GiB of dirty memory is far beyond any epoch).
 pub const MAX_PAYLOAD: usize = 1 << 30;
+/// The channel's service name (keys of the A-link never open mirror frames and back).
+const SERVICE: &str = "a-link";
 
-type HmacSha256 = Hmac<Sha256>;
+/// Bytes each side's handshake hello takes before its first frame (a proxy skips them).
+pub const HELLO_LEN: usize = link::HELLO_LEN;
+
+/// A frame's total length on the wire from its first `link::HEADER_LEN` (16) bytes, or `None`
+/// when that is not a frame header (for proxies that drop exactly one frame; unauthenticated).
+/// Each direction starts with a [`HELLO_LEN`]-byte hello, then frames (the first one is the
+/// handshake's key confirmation).
+pub fn frame_len(header: &[u8]) -> Option<usize> {
+    link::frame_len(header)
+}
 
 /// Frame kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Kind {
-    /// Backup → primary: the backup's nonce (unauthenticated; it only seeds the session key).
+    /// Unused since wire version 2 (the key exchange is [`handshake`]); refused on receipt.
     Challenge = 1,
-    /// Primary → backup: the primary's nonce and the VM description.
+    /// Primary → backup: the VM description.
     Hello = 2,
     /// Backup → primary: standby VM ready.
     Ready = 3,
@@ -54,7 +57,6 @@ pub enum Kind {
 impl Kind {
     fn from_u8(v: u8) -> Option<Kind> {
         Some(match v {
-            1 => Kind::Challenge,
             2 => Kind::Hello,
             3 => Kind::Ready,
             4 => Kind::Pages,
@@ -74,12 +76,24 @@ pub enum WireError {
     /// The connection failed or closed.
     #[error("A-link: {0}")]
     Io(#[from] io::Error),
-    /// Wrong magic or version.
+    /// Wrong magic, version or kind, or a bad secret.
     #[error("A-link frame refused: {0}")]
     Format(String),
-    /// Checksum or authentication failure.
+    /// Authentication failure (or a peer with another cluster secret).
     #[error("A-link frame refused: {0}")]
     Integrity(String),
+}
+
+impl From<LinkError> for WireError {
+    fn from(e: LinkError) -> Self {
+        match e {
+            LinkError::Io(e) => WireError::Io(e),
+            LinkError::Format(_) | LinkError::Secret(_) | LinkError::TooLarge { .. } => {
+                WireError::Format(e.to_string())
+            }
+            LinkError::Auth(_) | LinkError::WrongSecret => WireError::Integrity(e.to_string()),
+        }
+    }
 }
 
 /// One verified frame.
@@ -87,81 +101,51 @@ pub enum WireError {
 pub struct Frame {
     /// Its kind.
     pub kind: Kind,
-    /// Its sequence number.
+    /// Its sequence number in its direction (1 is the first after the handshake).
     pub seq: u64,
     /// Its payload.
     pub payload: Vec<u8>,
 }
 
-/// Derives the session key from the cluster secret and both nonces.
-pub fn session_key(secret: &[u8], backup_nonce: &[u8; 16], primary_nonce: &[u8; 16]) -> [u8; 32] {
-    let mut mac =
-        <HmacSha256 as KeyInit>::new_from_slice(secret).expect("HMAC takes keys of any length");
-    mac.update(b"ftvm-session");
-    mac.update(backup_nonce);
-    mac.update(primary_nonce);
-    mac.finalize().into_bytes().into()
-}
-
-/// A random 16-byte nonce.
-pub fn nonce() -> io::Result<[u8; 16]> {
-    let mut n = [0u8; 16];
-    getrandom::fill(&mut n).map_err(|e| io::Error::other(format!("no randomness: {e}")))?;
-    Ok(n)
+/// Establishes the A-link session with the cluster `secret` (the primary is
+/// [`Role::Initiator`], the backup [`Role::Responder`]); returns the (send, receive) channels.
+/// Set the stream's read timeout first.
+pub fn handshake<R: Read, W: Write>(
+    r: &mut R,
+    w: &mut W,
+    secret: &[u8],
+    role: Role,
+) -> Result<(Channel, Channel), WireError> {
+    let secret = Secret::new(secret)?;
+    let s = link::handshake(r, w, &secret, role, SERVICE, MAX_PAYLOAD)?;
+    Ok((Channel { dir: Some(s.tx) }, Channel { dir: Some(s.rx) }))
 }
 
 /// Frame encoder/decoder state of one direction.
 pub struct Channel {
-    key: Option<[u8; 32]>,
-    next_seq: u64,
+    dir: Option<Direction>,
+}
+
+fn no_session() -> WireError {
+    WireError::Integrity("no A-link session established yet (handshake first)".into())
 }
 
 impl Channel {
-    /// A channel without a key yet (only Challenge frames until `set_key`).
+    /// A channel without a key yet: it sends and accepts nothing until [`handshake`] or
+    /// `set_key`.
     pub fn new() -> Self {
-        Self {
-            key: None,
-            next_seq: 0,
-        }
+        Self { dir: None }
     }
 
-    /// Sets the session key; sequence numbers restart at 1.
+    /// Keys the channel directly (tests; sessions come from [`handshake`]); counter at 0.
     pub fn set_key(&mut self, key: [u8; 32]) {
-        self.key = Some(key);
-        self.next_seq = 1;
+        self.dir = Some(Direction::new(key, MAX_PAYLOAD));
     }
 
-    fn tag(&self, header: &[u8], payload: &[u8]) -> [u8; 32] {
-        match &self.key {
-            Some(k) => {
-                let mut mac = <HmacSha256 as KeyInit>::new_from_slice(k)
-                    .expect("HMAC takes keys of any length");
-                mac.update(header);
-                mac.update(payload);
-                mac.finalize().into_bytes().into()
-            }
-            None => [0u8; 32],
-        }
-    }
-
-    /// Encodes a frame (header, payload, tag) ready to write.
-    pub fn encode(&mut self, kind: Kind, payload: &[u8]) -> Vec<u8> {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        let mut out = Vec::with_capacity(HEADER_LEN + payload.len() + TAG_LEN);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
-        out.push(kind as u8);
-        out.push(0);
-        out.extend_from_slice(&seq.to_le_bytes());
-        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-        let header_crc = crc32fast::hash(&out);
-        out.extend_from_slice(&header_crc.to_le_bytes());
-        let tag = self.tag(&out, payload);
-        out.extend_from_slice(payload);
-        out.extend_from_slice(&tag);
-        out
+    /// Seals a frame ready to write.
+    pub fn encode(&mut self, kind: Kind, payload: &[u8]) -> Result<Vec<u8>, WireError> {
+        let d = self.dir.as_mut().ok_or_else(no_session)?;
+        Ok(d.seal(kind as u8, &[payload])?)
     }
 
     /// Writes a frame.
@@ -171,7 +155,7 @@ impl Channel {
         kind: Kind,
         payload: &[u8],
     ) -> Result<(), WireError> {
-        let bytes = self.encode(kind, payload);
+        let bytes = self.encode(kind, payload)?;
         w.write_all(&bytes)?;
         w.flush()?;
         Ok(())
@@ -179,61 +163,15 @@ impl Channel {
 
     /// Reads and verifies one frame.
     pub fn recv(&mut self, r: &mut impl Read) -> Result<Frame, WireError> {
-        let mut header = [0u8; HEADER_LEN];
-        r.read_exact(&mut header)?;
-        // A damaged header (a wrong length above all) is refused before anything else is read.
-        if crc32fast::hash(&header[..24])
-            != u32::from_le_bytes(header[24..28].try_into().unwrap_or_default())
-        {
-            return Err(WireError::Integrity("header checksum mismatch".into()));
-        }
-        if &header[0..4] != MAGIC {
-            return Err(WireError::Format("bad magic".into()));
-        }
-        let version = u16::from_le_bytes([header[4], header[5]]);
-        if version != VERSION {
-            return Err(WireError::Format(format!(
-                "peer speaks version {version}, we speak {VERSION}"
-            )));
-        }
-        let kind = Kind::from_u8(header[6])
-            .ok_or_else(|| WireError::Format(format!("unknown kind {}", header[6])))?;
-        let seq = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
-        let len = u32::from_le_bytes(header[16..20].try_into().unwrap_or_default()) as usize;
-        let crc = u32::from_le_bytes(header[20..24].try_into().unwrap_or_default());
-        if len > MAX_PAYLOAD {
-            return Err(WireError::Format(format!("impossible length {len}")));
-        }
-        let mut payload = vec![0u8; len];
-        r.read_exact(&mut payload)?;
-        let mut tag = [0u8; TAG_LEN];
-        r.read_exact(&mut tag)?;
-        if crc32fast::hash(&payload) != crc {
-            return Err(WireError::Integrity("checksum mismatch".into()));
-        }
-        if let Some(k) = &self.key {
-            let mut mac =
-                <HmacSha256 as KeyInit>::new_from_slice(k).expect("HMAC takes keys of any length");
-            mac.update(&header);
-            mac.update(&payload);
-            mac.verify_slice(&tag).map_err(|_| {
-                WireError::Integrity(
-                    "authentication failed (wrong cluster secret or tampered frame)".into(),
-                )
-            })?;
-            if seq != self.next_seq {
-                return Err(WireError::Integrity(format!(
-                    "sequence {seq} where {} was due (replayed or lost frame)",
-                    self.next_seq
-                )));
-            }
-            self.next_seq += 1;
-        } else if kind != Kind::Challenge && kind != Kind::Hello {
-            return Err(WireError::Integrity(format!(
-                "{kind:?} before the session was established"
-            )));
-        }
-        Ok(Frame { kind, seq, payload })
+        let d = self.dir.as_mut().ok_or_else(no_session)?;
+        let f = d.recv(r)?;
+        let kind = Kind::from_u8(f.kind)
+            .ok_or_else(|| WireError::Format(format!("unknown frame kind {}", f.kind)))?;
+        Ok(Frame {
+            kind,
+            seq: f.counter,
+            payload: f.payload,
+        })
     }
 }
 
@@ -246,30 +184,51 @@ impl Default for Channel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Duration;
 
     fn pair() -> (Channel, Channel) {
-        let key = session_key(b"secret", &[1; 16], &[2; 16]);
         let (mut a, mut b) = (Channel::new(), Channel::new());
-        a.set_key(key);
-        b.set_key(key);
+        a.set_key([9; 32]);
+        b.set_key([9; 32]);
         (a, b)
+    }
+
+    type Handshaken = Result<(Channel, Channel), WireError>;
+
+    /// A real primary/backup handshake over loopback TCP.
+    fn sessions(primary: &'static [u8], backup: &'static [u8]) -> (Handshaken, Handshaken) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            handshake(&mut &s, &mut &s, backup, Role::Responder)
+        });
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let p = handshake(&mut &s, &mut &s, primary, Role::Initiator);
+        (p, t.join().unwrap())
     }
 
     #[test]
     fn round_trip() {
         let (mut tx, mut rx) = pair();
-        let bytes = tx.encode(Kind::Checkpoint, b"hello");
+        let bytes = tx.encode(Kind::Checkpoint, b"hello").unwrap();
+        assert_eq!(frame_len(&bytes), Some(bytes.len()));
         let f = rx.recv(&mut &bytes[..]).unwrap();
         assert_eq!(
             (f.kind, f.seq, &f.payload[..]),
-            (Kind::Checkpoint, 1, &b"hello"[..])
+            (Kind::Checkpoint, 0, &b"hello"[..])
         );
     }
 
     #[test]
     fn every_corrupted_byte_is_refused() {
         let (mut tx, _) = pair();
-        let bytes = tx.encode(Kind::Checkpoint, b"some checkpoint payload");
+        let bytes = tx
+            .encode(Kind::Checkpoint, b"some checkpoint payload")
+            .unwrap();
         for i in 0..bytes.len() {
             let mut bad = bytes.clone();
             bad[i] ^= 0x40;
@@ -284,17 +243,60 @@ mod tests {
     #[test]
     fn truncated_replayed_and_foreign_frames_are_refused() {
         let (mut tx, mut rx) = pair();
-        let bytes = tx.encode(Kind::Ack, b"1");
+        let bytes = tx.encode(Kind::Ack, b"1").unwrap();
         assert!(rx.recv(&mut &bytes[..bytes.len() - 1]).is_err());
         let (_, mut rx) = pair();
         rx.recv(&mut &bytes[..]).unwrap();
         assert!(rx.recv(&mut &bytes[..]).is_err(), "replay accepted");
         let mut other = Channel::new();
-        other.set_key(session_key(b"other secret", &[1; 16], &[2; 16]));
-        let foreign = other.encode(Kind::Ack, b"1");
+        other.set_key([10; 32]);
+        let foreign = other.encode(Kind::Ack, b"1").unwrap();
         let (_, mut rx) = pair();
         assert!(matches!(
             rx.recv(&mut &foreign[..]),
+            Err(WireError::Integrity(_))
+        ));
+        assert!(
+            Channel::new().recv(&mut &bytes[..]).is_err(),
+            "keyless accepted"
+        );
+    }
+
+    #[test]
+    fn session_carries_frames_and_refuses_reflection() {
+        let (p, b) = sessions(b"0123456789abcdef", b"0123456789abcdef");
+        let ((mut ptx, mut prx), (mut btx, mut brx)) = (p.unwrap(), b.unwrap());
+        let hello = ptx.encode(Kind::Hello, b"vm").unwrap();
+        assert_eq!(brx.recv(&mut &hello[..]).unwrap().seq, 1);
+        let ready = btx.encode(Kind::Ready, b"").unwrap();
+        // The backup's own frame, reflected back to it, does not open under the other key.
+        let mut brx2 = brx;
+        assert!(
+            brx2.recv(&mut &ready[..]).is_err(),
+            "reflected frame accepted"
+        );
+        assert_eq!(prx.recv(&mut &ready[..]).unwrap().kind, Kind::Ready);
+    }
+
+    #[test]
+    fn wrong_secret_refused_at_handshake() {
+        let (p, b) = sessions(b"0123456789abcdef", b"another secret!!");
+        for r in [p, b] {
+            let e = r.err().expect("wrong secret accepted").to_string();
+            assert!(e.contains("cluster secret differs"), "{e}");
+        }
+    }
+
+    #[test]
+    fn forged_huge_frame_is_refused_before_its_payload() {
+        let mut forged = [0u8; 32];
+        forged[0..4].copy_from_slice(b"FTLK");
+        forged[4] = link::VERSION;
+        forged[8..12].copy_from_slice(&(u32::MAX).to_le_bytes());
+        // Exactly header + header tag: reading any payload would hit end of input (an Io error).
+        let (_, mut rx) = pair();
+        assert!(matches!(
+            rx.recv(&mut &forged[..]),
             Err(WireError::Integrity(_))
         ));
     }

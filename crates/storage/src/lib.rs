@@ -2,6 +2,7 @@
 //! qcow2), volumes in pools, and synchronous two-node mirroring.
 
 pub mod fault;
+pub mod format;
 pub mod mirror;
 pub mod pool;
 pub mod qcow2;
@@ -13,6 +14,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+pub use format::open_disk;
 pub use qcow2::Qcow2;
 pub use raw::RawFile;
 
@@ -104,7 +106,8 @@ impl std::str::FromStr for ImageFormat {
     }
 }
 
-/// Detects the format of the image at `path` by its magic (anything not qcow2 is raw).
+/// Detects the format of the image at `path` by its magic (anything not qcow2 is raw). Never
+/// use it to choose how to open a guest's disk: see [`open_disk`].
 pub fn detect_format(path: &Path) -> io::Result<ImageFormat> {
     let f = File::open(path)?;
     let mut magic = [0u8; 4];
@@ -113,17 +116,5 @@ pub fn detect_format(path: &Path) -> io::Result<ImageFormat> {
         ImageFormat::Qcow2
     } else {
         ImageFormat::Raw
-    })
-}
-
-/// Opens a disk image, detecting its format: qcow2 by its magic, anything else as raw.
-pub fn open_backend(path: &Path, read_only: bool) -> Result<Box<dyn BlockBackend>, OpenError> {
-    let format = detect_format(path).map_err(|source| OpenError::Open {
-        path: path.display().to_string(),
-        source,
-    })?;
-    Ok(match format {
-        ImageFormat::Qcow2 => Box::new(Qcow2::open(path, read_only)?),
-        ImageFormat::Raw => Box::new(RawFile::open(path, read_only)?),
     })
 }

@@ -9,10 +9,17 @@ use std::time::Duration;
 
 use common::Rng;
 use storage::fault::{FaultSwitch, FaultyBackend};
-use storage::mirror::{verify, DirtyBitmap, MirrorConfig, MirrorTarget, MirroredBackend};
+use storage::mirror::{
+    verify, DirtyBitmap, MirrorConfig, MirrorTarget, MirroredBackend, PeerClient, Secret,
+};
 use storage::{BlockBackend, RawFile};
 
 const MIB: u64 = 1 << 20;
+const SECRET: &str = "mirror test cluster secret";
+
+fn secret() -> Secret {
+    Secret::new(SECRET.as_bytes()).unwrap()
+}
 
 fn raw(p: &Path, size: u64) -> Box<dyn BlockBackend> {
     if !p.exists() {
@@ -23,11 +30,19 @@ fn raw(p: &Path, size: u64) -> Box<dyn BlockBackend> {
 
 fn target(dir: &Path, size: u64, listener: TcpListener, id: u64) -> MirrorTarget {
     let disk = raw(&dir.join("peer.raw"), size);
-    MirrorTarget::spawn(listener, disk, "v", id, &dir.join("peer.target.json")).unwrap()
+    MirrorTarget::spawn(
+        listener,
+        disk,
+        "v",
+        id,
+        &dir.join("peer.target.json"),
+        secret(),
+    )
+    .unwrap()
 }
 
 fn cfg(dir: &Path, addr: &str) -> MirrorConfig {
-    let mut c = MirrorConfig::new(addr, "v", dir.join("local.bitmap"));
+    let mut c = MirrorConfig::new(addr, "v", dir.join("local.bitmap"), secret());
     c.state_path = Some(dir.join("local.state.json"));
     c.io_timeout = Duration::from_secs(2);
     c.reconnect_interval = Duration::from_millis(100);
@@ -190,4 +205,55 @@ fn local_io_error_switches_to_the_peer() {
     assert!(peer[2 * MIB as usize..2 * MIB as usize + 4096]
         .iter()
         .all(|b| *b == 8));
+}
+
+#[test]
+fn client_without_the_secret_reads_and_writes_nothing() {
+    use std::io::{Read, Write};
+    let d = tempfile::tempdir().unwrap();
+    let size = 4 * MIB;
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let _t = target(d.path(), size, l, 77);
+    fs::write(d.path().join("peer.raw"), vec![0x5au8; size as usize]).unwrap();
+
+    // A plain TCP client speaking the old protocol gets not a single byte back.
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut old = vec![0u8; 64];
+    old[..4].copy_from_slice(b"FTM1");
+    s.write_all(&old).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    assert!(got.is_empty(), "a stranger got {} bytes", got.len());
+
+    // A node with another secret is refused with a clear error, reads and writes nothing.
+    let mut wrong = cfg(d.path(), &addr);
+    wrong.secret = Secret::new(&b"not the cluster secret"[..]).unwrap();
+    let e = PeerClient::connect(&wrong, size)
+        .err()
+        .expect("wrong secret connected");
+    assert!(e.to_string().contains("cluster secret differs"), "{e}");
+    {
+        let mut m = MirroredBackend::open(raw(&d.path().join("local.raw"), size), wrong).unwrap();
+        m.write_at(&[1u8; 65536], 0).unwrap();
+        m.flush().unwrap();
+        let st = m.status();
+        assert!(!st.connected, "{st:?}");
+        assert!(
+            st.faults.iter().any(|f| f.contains("cluster secret")),
+            "{st:?}"
+        );
+    }
+    assert!(fs::read(d.path().join("peer.raw"))
+        .unwrap()
+        .iter()
+        .all(|b| *b == 0x5a));
+
+    // The target still serves the right node after those connections.
+    let mut ok = PeerClient::connect(&cfg(d.path(), &addr), size).unwrap();
+    assert_eq!(ok.hello().replica_id, 77);
+    let sums = ok.checksums(0, MIB as u32, 4).unwrap();
+    assert_eq!(sums.len(), 4);
+    assert_eq!(sums[0], crc32fast::hash(&vec![0x5au8; MIB as usize]));
 }

@@ -10,7 +10,7 @@ use std::process::Command;
 
 use common::{assert_check_clean, assert_same, qemu_img, Rng};
 use storage::qcow2::{CreateOptions, Qcow2};
-use storage::{open_backend, BlockBackend};
+use storage::{open_disk, BlockBackend, ImageFormat};
 
 const MIB: u64 = 1 << 20;
 
@@ -71,7 +71,7 @@ fn our_writes_pass_qemu_check_and_compare() {
     assert_check_clean(&img);
     let reference = reference_file(&refp, size);
     {
-        let mut q = open_backend(&img, false).unwrap();
+        let mut q = open_disk(&img, false, Some(ImageFormat::Qcow2)).unwrap();
         assert_eq!(q.size(), size);
         random_writes(q.as_mut(), &reference, &mut Rng(7), 400);
         q.flush().unwrap();
@@ -80,14 +80,14 @@ fn our_writes_pass_qemu_check_and_compare() {
     assert_same(&img, &refp);
     // qemu-io reads a pattern we wrote, and we read one qemu-io wrote.
     {
-        let mut q = open_backend(&img, false).unwrap();
+        let mut q = open_disk(&img, false, Some(ImageFormat::Qcow2)).unwrap();
         q.write_at(&vec![0x5a; 128 * 1024], 3 * MIB).unwrap();
         q.flush().unwrap();
     }
     qemu_io(&img, "read -P 0x5a 3M 128k");
     qemu_io(&img, "write -P 0xc3 10M 200k");
     qemu_io(&img, "write -z 20M 1M");
-    let mut q = open_backend(&img, true).unwrap();
+    let mut q = open_disk(&img, true, Some(ImageFormat::Qcow2)).unwrap();
     let mut buf = vec![0u8; 200 * 1024];
     q.read_at(&mut buf, 10 * MIB).unwrap();
     assert!(buf.iter().all(|b| *b == 0xc3));
@@ -112,7 +112,7 @@ fn we_read_qemu_img_convert_output_and_write_into_it() {
     let img = d.path().join("conv.qcow2");
     let (c, o) = qemu_img(&["convert", "-f", "raw", "-O", "qcow2", s(&raw), s(&img)]);
     assert_eq!(c, 0, "{o}");
-    let mut q = open_backend(&img, false).unwrap();
+    let mut q = open_disk(&img, false, Some(ImageFormat::Qcow2)).unwrap();
     let mut a = vec![0u8; size as usize];
     q.read_at(&mut a, 0).unwrap();
     let mut b = vec![0u8; size as usize];
@@ -150,7 +150,7 @@ fn backing_files_read_through_and_copy_on_write() {
         .write_all_at(&vec![0x11; size as usize], 0)
         .unwrap();
     {
-        let mut q = open_backend(&overlay, false).unwrap();
+        let mut q = open_disk(&overlay, false, Some(ImageFormat::Qcow2)).unwrap();
         let mut buf = vec![0u8; 4096];
         q.read_at(&mut buf, 5 * MIB).unwrap();
         assert!(
@@ -183,7 +183,7 @@ fn backing_files_read_through_and_copy_on_write() {
     let (c, info) = qemu_img(&["info", s(&ov2)]);
     assert_eq!(c, 0);
     assert!(info.contains("backing file: base.raw"), "{info}");
-    let mut q = open_backend(&ov2, false).unwrap();
+    let mut q = open_disk(&ov2, false, Some(ImageFormat::Qcow2)).unwrap();
     q.write_at(&[0x33; 512], 4 * MIB - 512).unwrap();
     q.flush().unwrap();
     let mut buf = vec![0u8; 2 * 4096];
@@ -204,11 +204,17 @@ fn corrupt_header_is_a_clear_error() {
     Qcow2::create(&img, 8 * MIB, &CreateOptions::default()).unwrap();
     let f = OpenOptions::new().write(true).open(&img).unwrap();
     f.write_all_at(&40u32.to_be_bytes(), 20).unwrap(); // cluster_bits 40
-    let err = open_backend(&img, false).err().unwrap().to_string();
+    let err = open_disk(&img, false, Some(ImageFormat::Qcow2))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("cluster_bits"), "{err}");
     f.write_all_at(&16u32.to_be_bytes(), 20).unwrap();
     f.write_all_at(&(1u64 << 40).to_be_bytes(), 40).unwrap(); // L1 beyond the file
-    let err = open_backend(&img, false).err().unwrap().to_string();
+    let err = open_disk(&img, false, Some(ImageFormat::Qcow2))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(
         err.contains("L1 table") && err.contains("truncated"),
         "{err}"
@@ -222,7 +228,10 @@ fn corrupt_header_is_a_clear_error() {
         .unwrap()
         .set_len(100_000)
         .unwrap();
-    let err = open_backend(&img2, false).err().unwrap().to_string();
+    let err = open_disk(&img2, false, Some(ImageFormat::Qcow2))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(
         err.contains("beyond the end") || err.contains("outside"),
         "{err}"

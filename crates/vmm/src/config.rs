@@ -16,9 +16,17 @@ pub struct DiskConfig {
     pub path: PathBuf,
     /// Refuse guest writes.
     pub read_only: bool,
+    /// The image's format; `None`: the pool volume's metadata, else raw (an image that looks
+    /// like qcow2 is then refused: a guest may have written that header into a raw disk).
+    #[serde(default)]
+    pub format: Option<storage::ImageFormat>,
     /// Mirror every write synchronously to `ftvm volume mirror-serve` at this ADDR:PORT (HA).
     #[serde(default)]
     pub mirror: Option<String>,
+    /// The cluster secret `mirror` authenticates with; never serialized (snapshots and the
+    /// A-link's Hello carry no secret), so each node attaches its own.
+    #[serde(skip)]
+    pub secret: Option<storage::mirror::Secret>,
 }
 
 /// A virtio-net interface.

@@ -7,9 +7,11 @@
 //! per RAM region: page map (1 bit per 4 KiB page, 1 = stored) | the stored pages
 //! memory_crc32 u32 (over every page map and page) | "FTVMEND\0"
 //! ```
-//! All-zero pages are not stored. The file is written to a temporary name and renamed, so a
-//! crash never leaves a partial snapshot under the final name. A reader checks everything
-//! before it changes anything.
+//! All-zero pages are not stored. The file is written to a new temporary file (O_EXCL,
+//! O_NOFOLLOW, mode 0600) and linked to its final name only if nothing (not even a symlink)
+//! is there, so a crash never leaves a partial snapshot under the final name and a snapshot
+//! never overwrites or writes through anything. A reader checks everything before it changes
+//! anything.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -49,6 +51,7 @@ fn io_err(path: &Path, what: &str) -> impl FnOnce(std::io::Error) -> Error {
 
 /// Writes a snapshot of `vm` to `path`, pausing it for the duration (a paused VM stays paused).
 pub fn write_snapshot(vm: &Vm, path: &Path) -> Result<SnapshotInfo, Error> {
+    refuse_existing(path)?;
     let t0 = std::time::Instant::now();
     vm.pause()?;
     let result = write_paused(vm, path);
@@ -64,26 +67,94 @@ pub fn write_snapshot(vm: &Vm, path: &Path) -> Result<SnapshotInfo, Error> {
     })
 }
 
+/// Refuses a destination that exists in any form (a symlink included, dangling or not).
+fn refuse_existing(path: &Path) -> Result<(), Error> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) => Err(Error::Snapshot(format!(
+            "snapshot destination {} already exists{}: give a new file name \
+             (a snapshot never replaces or writes through anything)",
+            path.display(),
+            if m.file_type().is_symlink() {
+                " as a symlink"
+            } else {
+                ""
+            }
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(path, "cannot check snapshot destination")(e)),
+    }
+}
+
+/// Creates a fresh temporary file beside `path`: O_EXCL and O_NOFOLLOW, mode 0600.
+fn create_temp(path: &Path) -> Result<(File, PathBuf), Error> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = path
+        .file_name()
+        .ok_or_else(|| {
+            Error::Snapshot(format!("snapshot path {} has no file name", path.display()))
+        })?
+        .to_string_lossy()
+        .into_owned();
+    let mut last = None;
+    for attempt in 0..16u32 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let tmp = path.with_file_name(format!(
+            ".{name}.{}.{nanos:x}.{attempt}.partial",
+            std::process::id()
+        ));
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+        {
+            Ok(f) => return Ok((f, tmp)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(io_err(&tmp, "cannot create snapshot file")(e)),
+        }
+    }
+    Err(io_err(path, "cannot create a temporary file for snapshot")(
+        last.unwrap_or_else(|| std::io::Error::other("name collisions")),
+    ))
+}
+
 fn write_paused(vm: &Vm, path: &Path) -> Result<(u64, u64), Error> {
     let state = vm.save_state()?;
     let encoded = postcard::to_allocvec(&state)
         .map_err(|e| Error::Snapshot(format!("cannot encode VM state: {e}")))?;
-    let tmp = path.with_extension("partial");
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(io_err(&tmp, "cannot create snapshot file"))?;
+    let (file, tmp) = create_temp(path)?;
+    let result = write_file(vm, file, &tmp, &encoded).and_then(|(bytes, stored)| {
+        // link(2) fails if anything, a symlink included, appeared at `path`; it never follows.
+        std::fs::hard_link(&tmp, path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                Error::Snapshot(format!(
+                    "snapshot destination {} appeared while writing: give a new file name",
+                    path.display()
+                ))
+            } else {
+                io_err(path, "cannot link the snapshot to")(e)
+            }
+        })?;
+        Ok((bytes, stored))
+    });
+    let _ = std::fs::remove_file(&tmp);
+    result
+}
+
+fn write_file(vm: &Vm, file: File, tmp: &Path, encoded: &[u8]) -> Result<(u64, u64), Error> {
     let mut w = BufWriter::with_capacity(1 << 20, file);
     let write =
-        |w: &mut BufWriter<File>, b: &[u8]| w.write_all(b).map_err(io_err(&tmp, "cannot write"));
+        |w: &mut BufWriter<File>, b: &[u8]| w.write_all(b).map_err(io_err(tmp, "cannot write"));
     write(&mut w, MAGIC)?;
     write(&mut w, &VERSION.to_le_bytes())?;
     write(&mut w, &0u32.to_le_bytes())?;
     write(&mut w, &(encoded.len() as u64).to_le_bytes())?;
-    write(&mut w, &crc32fast::hash(&encoded).to_le_bytes())?;
-    write(&mut w, &encoded)?;
+    write(&mut w, &crc32fast::hash(encoded).to_le_bytes())?;
+    write(&mut w, encoded)?;
 
     let mut crc = crc32fast::Hasher::new();
     let mut stored = 0u64;
@@ -121,9 +192,8 @@ fn write_paused(vm: &Vm, path: &Path) -> Result<(u64, u64), Error> {
     let file = w
         .into_inner()
         .map_err(|e| Error::Snapshot(format!("cannot write {}: {e}", tmp.display())))?;
-    file.sync_all().map_err(io_err(&tmp, "cannot sync"))?;
-    let bytes = file.metadata().map_err(io_err(&tmp, "cannot stat"))?.len();
-    std::fs::rename(&tmp, path).map_err(io_err(path, "cannot rename the snapshot to"))?;
+    file.sync_all().map_err(io_err(tmp, "cannot sync"))?;
+    let bytes = file.metadata().map_err(io_err(tmp, "cannot stat"))?.len();
     Ok((bytes, stored))
 }
 

@@ -133,10 +133,10 @@ struct OpenedDevices {
 fn open_devices(config: &VmConfig) -> Result<OpenedDevices, Error> {
     let mut disks = Vec::new();
     for d in &config.disks {
-        let local = storage::open_backend(&d.path, d.read_only)
+        let local = storage::open_disk(&d.path, d.read_only, d.format)
             .map_err(|e| Error::Device(e.to_string()))?;
         disks.push(match &d.mirror {
-            Some(peer) => open_mirrored(local, &d.path, peer)?,
+            Some(peer) => open_mirrored(local, d, peer)?,
             None => local,
         });
     }
@@ -151,12 +151,20 @@ fn open_devices(config: &VmConfig) -> Result<OpenedDevices, Error> {
 /// file's stem, and the bitmap and state files sit beside it, as in a storage pool.
 fn open_mirrored(
     local: Box<dyn storage::BlockBackend>,
-    path: &std::path::Path,
+    d: &crate::DiskConfig,
     peer: &str,
 ) -> Result<Box<dyn storage::BlockBackend>, Error> {
+    let path = &d.path;
+    let secret = d.secret.clone().ok_or_else(|| {
+        Error::Device(format!(
+            "disk {} mirrors to {peer} but no cluster secret was given: \
+             --secret-file PATH or FTVM_FT_SECRET",
+            path.display()
+        ))
+    })?;
     let name = path.file_stem().and_then(|n| n.to_str()).unwrap_or("disk");
     let side = |suffix: &str| path.with_file_name(format!("{name}.{suffix}"));
-    let mut cfg = storage::mirror::MirrorConfig::new(peer, name, side("mirror-bitmap"));
+    let mut cfg = storage::mirror::MirrorConfig::new(peer, name, side("mirror-bitmap"), secret);
     cfg.state_path = Some(side("mirror-state.json"));
     let m = storage::mirror::MirroredBackend::open(local, cfg).map_err(|e| {
         Error::Device(format!(

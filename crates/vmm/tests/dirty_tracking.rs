@@ -27,7 +27,9 @@ fn virtio_blk_reads_into_guest_memory_are_in_the_dirty_set() {
         disks: vec![DiskConfig {
             path: disk.clone(),
             read_only: false,
+            format: None,
             mirror: None,
+            secret: None,
         }],
         nets: vec![],
         console: ConsoleConfig::File(console.clone()),

@@ -50,7 +50,9 @@ fn disk_requests_in_flight_survive_pause_save_and_restore() {
         disks: vec![DiskConfig {
             path: disk.clone(),
             read_only: false,
+            format: None,
             mirror: None,
+            secret: None,
         }],
         nets: vec![],
         console: ConsoleConfig::File(console.clone()),

@@ -7,10 +7,30 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
+/// The cluster secret every `ftvm` these tests start shares (through FTVM_FT_SECRET).
+pub const SECRET: &str = "volume-tests-cluster-secret";
+
 pub fn ftvm() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ftvm"));
     c.env("FTVM_LOG", "warn");
+    c.env("FTVM_FT_SECRET", SECRET);
     c
+}
+
+/// Runs `ftvm args...` with FTVM_FT_SECRET set to `secret` (or unset); returns (exit code,
+/// stdout, stderr).
+pub fn run_with_secret(args: &[&str], secret: Option<&str>) -> (i32, String, String) {
+    let mut c = ftvm();
+    match secret {
+        Some(s) => c.env("FTVM_FT_SECRET", s),
+        None => c.env_remove("FTVM_FT_SECRET"),
+    };
+    let o: Output = c.args(args).output().expect("run ftvm");
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
 
 /// Runs `ftvm args...`; returns (exit code, stdout, stderr).

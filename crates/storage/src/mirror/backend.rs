@@ -28,7 +28,7 @@
 //! does not have up to date fails, as does any I/O when neither replica is usable.
 
 use std::collections::{HashSet, VecDeque};
-use std::io::{self, BufReader, BufWriter};
+use std::io;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,8 +37,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::bitmap::DirtyBitmap;
-use super::protocol::{read_frame, region_checksums, write_frame, Frame, Hello, HelloOk, Kind};
+use super::protocol::{region_checksums, Conn, Frame, Hello, HelloOk, Kind};
 use crate::BlockBackend;
+use link::{Role, Secret};
 
 /// How a [`MirroredBackend`] behaves.
 #[derive(Debug, Clone)]
@@ -47,6 +48,8 @@ pub struct MirrorConfig {
     pub peer: String,
     /// Volume name (the target checks it).
     pub volume: String,
+    /// The cluster secret the target must share (it authenticates and encrypts the link).
+    pub secret: Secret,
     /// Dirty bitmap file.
     pub bitmap_path: PathBuf,
     /// State file for `info` (JSON), if any.
@@ -65,10 +68,11 @@ pub struct MirrorConfig {
 
 impl MirrorConfig {
     /// Defaults: 5 s peer timeout, reconnect every 500 ms, 1 MiB regions, 256 hot regions.
-    pub fn new(peer: &str, volume: &str, bitmap_path: PathBuf) -> Self {
+    pub fn new(peer: &str, volume: &str, bitmap_path: PathBuf, secret: Secret) -> Self {
         MirrorConfig {
             peer: peer.to_string(),
             volume: volume.to_string(),
+            secret,
             bitmap_path,
             state_path: None,
             io_timeout: Duration::from_secs(5),
@@ -116,8 +120,7 @@ pub struct MirrorStatus {
 }
 
 struct Peer {
-    rd: BufReader<TcpStream>,
-    wr: BufWriter<TcpStream>,
+    conn: Conn,
     seq: u64,
 }
 
@@ -130,12 +133,9 @@ impl Peer {
             )
         })?;
         let s = TcpStream::connect_timeout(&addr, cfg.io_timeout)?;
-        s.set_nodelay(true)?;
-        s.set_read_timeout(Some(cfg.io_timeout))?;
         s.set_write_timeout(Some(cfg.io_timeout))?;
         let mut p = Peer {
-            rd: BufReader::with_capacity(1 << 20, s.try_clone()?),
-            wr: BufWriter::with_capacity(1 << 20, s),
+            conn: Conn::establish(s, &cfg.secret, Role::Initiator, Some(cfg.io_timeout))?,
             seq: 0,
         };
         let hello = serde_json::to_vec(&Hello {
@@ -150,12 +150,12 @@ impl Peer {
 
     fn send(&mut self, kind: Kind, offset: u64, payload: &[u8]) -> io::Result<u64> {
         self.seq += 1;
-        write_frame(&mut self.wr, kind, self.seq, offset, payload)?;
+        self.conn.write_frame(kind, self.seq, offset, payload)?;
         Ok(self.seq)
     }
 
     fn recv(&mut self, seq: u64) -> io::Result<Frame> {
-        let f = read_frame(&mut self.rd)?;
+        let f = self.conn.read_frame()?;
         if f.seq != seq {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,

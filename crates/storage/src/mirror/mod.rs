@@ -8,4 +8,5 @@ pub mod target;
 
 pub use backend::{verify, Difference, MirrorConfig, MirrorStatus, MirroredBackend, PeerClient};
 pub use bitmap::DirtyBitmap;
+pub use link::Secret;
 pub use target::{load_target_state, MirrorTarget, TargetState};

@@ -1,27 +1,24 @@
-//! The mirror wire protocol: versioned, length-prefixed, crc32-checksummed frames over TCP.
+//! The mirror wire protocol: requests and replies on the authenticated, encrypted channel of
+//! crate `link` (service `"mirror"`, the volume's owner is the initiator), so only a node with
+//! the cluster secret reads or writes a replica.
 //!
-//! Frame: a 32-byte header, then `len` payload bytes.
-//!
-//! | bytes | field |
-//! |---|---|
-//! | 0..4 | magic `FTM1` |
-//! | 4 | protocol version (1) |
-//! | 5 | kind |
-//! | 6..8 | flags (reserved, 0) |
-//! | 8..16 | sequence number (a reply carries its request's) |
-//! | 16..24 | disk offset |
-//! | 24..28 | payload length |
-//! | 28..32 | crc32 of bytes 0..28 and the payload |
+//! Each link frame's kind byte is a [`Kind`]; its payload is `seq u64 BE | offset u64 BE | data`
+//! (a reply carries its request's `seq`). Link frames are versioned (the link's version covers
+//! this layout too), authenticated (a tampered, replayed or reordered frame is refused) and
+//! bounded before their payload is read.
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufReader, BufWriter};
+use std::net::TcpStream;
+use std::time::Duration;
 
-/// Frame magic.
-pub const MAGIC: [u8; 4] = *b"FTM1";
-/// Protocol version spoken.
-pub const VERSION: u8 = 1;
-/// Largest payload accepted.
+use link::{Direction, LinkError, Role, Secret};
+
+/// Largest data accepted in one frame.
 pub const MAX_PAYLOAD: usize = 64 << 20;
-const HEADER: usize = 32;
+const PREFIX: usize = 16;
+const SERVICE: &str = "mirror";
+/// How long either side waits for the other's handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Frame kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,94 +101,104 @@ pub struct HelloOk {
     pub consistent: bool,
 }
 
-fn bad(msg: String) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, msg)
-}
-
-/// Writes one frame.
-pub fn write_frame<W: Write>(
-    w: &mut W,
-    kind: Kind,
-    seq: u64,
-    offset: u64,
-    payload: &[u8],
-) -> io::Result<()> {
-    let mut h = [0u8; HEADER];
-    h[0..4].copy_from_slice(&MAGIC);
-    h[4] = VERSION;
-    h[5] = kind as u8;
-    h[8..16].copy_from_slice(&seq.to_be_bytes());
-    h[16..24].copy_from_slice(&offset.to_be_bytes());
-    h[24..28].copy_from_slice(&(payload.len() as u32).to_be_bytes());
-    let mut c = crc32fast::Hasher::new();
-    c.update(&h[..28]);
-    c.update(payload);
-    h[28..32].copy_from_slice(&c.finalize().to_be_bytes());
-    if payload.len() <= 64 * 1024 {
-        let mut v = Vec::with_capacity(HEADER + payload.len());
-        v.extend_from_slice(&h);
-        v.extend_from_slice(payload);
-        w.write_all(&v)?;
-    } else {
-        w.write_all(&h)?;
-        w.write_all(payload)?;
+fn io_err(e: LinkError) -> io::Error {
+    match e {
+        LinkError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the mirror peer closed the connection",
+        ),
+        LinkError::Io(e) => e,
+        LinkError::WrongSecret => io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("mirror peer refused: {e}"),
+        ),
+        e => io::Error::new(io::ErrorKind::InvalidData, format!("mirror peer: {e}")),
     }
-    w.flush()
 }
 
-/// Reads one frame, checking magic, version, length and checksum.
-pub fn read_frame<R: Read>(r: &mut R) -> io::Result<Frame> {
-    let mut h = [0u8; HEADER];
-    r.read_exact(&mut h).map_err(|e| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
+/// An authenticated mirror connection.
+pub struct Conn {
+    rd: BufReader<TcpStream>,
+    wr: BufWriter<TcpStream>,
+    tx: Direction,
+    rx: Direction,
+}
+
+impl Conn {
+    /// Runs the link handshake on `stream` with `secret` as `role` (initiator: the volume's
+    /// owner), waiting at most [`HANDSHAKE_TIMEOUT`] (or the shorter `read_timeout`) for the
+    /// peer, then sets `read_timeout`.
+    pub fn establish(
+        stream: TcpStream,
+        secret: &Secret,
+        role: Role,
+        read_timeout: Option<Duration>,
+    ) -> io::Result<Conn> {
+        stream.set_nodelay(true)?;
+        let wait = read_timeout.map_or(HANDSHAKE_TIMEOUT, |t| t.min(HANDSHAKE_TIMEOUT));
+        stream.set_read_timeout(Some(wait))?;
+        let mut rd = BufReader::with_capacity(1 << 20, stream.try_clone()?);
+        let mut wr = BufWriter::with_capacity(1 << 20, stream);
+        let s = link::handshake(
+            &mut rd,
+            &mut wr,
+            secret,
+            role,
+            SERVICE,
+            PREFIX + MAX_PAYLOAD,
+        )
+        .map_err(io_err)?;
+        rd.get_ref().set_read_timeout(read_timeout)?;
+        Ok(Conn {
+            rd,
+            wr,
+            tx: s.tx,
+            rx: s.rx,
+        })
+    }
+
+    /// Seals and writes one frame.
+    pub fn write_frame(
+        &mut self,
+        kind: Kind,
+        seq: u64,
+        offset: u64,
+        payload: &[u8],
+    ) -> io::Result<()> {
+        let mut prefix = [0u8; PREFIX];
+        prefix[..8].copy_from_slice(&seq.to_be_bytes());
+        prefix[8..].copy_from_slice(&offset.to_be_bytes());
+        self.tx
+            .send_parts(&mut self.wr, kind as u8, &[&prefix, payload])
+            .map_err(io_err)
+    }
+
+    /// Reads and authenticates one frame.
+    pub fn read_frame(&mut self) -> io::Result<Frame> {
+        let f = self.rx.recv(&mut self.rd).map_err(io_err)?;
+        let kind = Kind::from_u8(f.kind).ok_or_else(|| {
             io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the mirror peer closed the connection",
+                io::ErrorKind::InvalidData,
+                format!("unknown mirror frame kind {}", f.kind),
             )
-        } else {
-            e
+        })?;
+        let mut payload = f.payload;
+        if payload.len() < PREFIX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "mirror frame too short for its header",
+            ));
         }
-    })?;
-    if h[0..4] != MAGIC {
-        return Err(bad(
-            "mirror peer sent a frame with a bad magic (not an ftvm mirror?)".into(),
-        ));
+        let seq = u64::from_be_bytes(payload[..8].try_into().unwrap_or_default());
+        let offset = u64::from_be_bytes(payload[8..16].try_into().unwrap_or_default());
+        payload.drain(..PREFIX);
+        Ok(Frame {
+            kind,
+            seq,
+            offset,
+            payload,
+        })
     }
-    if h[4] != VERSION {
-        return Err(bad(format!(
-            "mirror peer speaks protocol version {} (we speak {VERSION}); run the same ftvm on both nodes",
-            h[4]
-        )));
-    }
-    let kind =
-        Kind::from_u8(h[5]).ok_or_else(|| bad(format!("unknown mirror frame kind {}", h[5])))?;
-    let len = u32::from_be_bytes([h[24], h[25], h[26], h[27]]) as usize;
-    if len > MAX_PAYLOAD {
-        return Err(bad(format!(
-            "mirror frame of {len} bytes exceeds the {MAX_PAYLOAD}-byte limit"
-        )));
-    }
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload)?;
-    let mut c = crc32fast::Hasher::new();
-    c.update(&h[..28]);
-    c.update(&payload);
-    let want = u32::from_be_bytes([h[28], h[29], h[30], h[31]]);
-    if c.finalize() != want {
-        return Err(bad(
-            "mirror frame failed its crc32 check (corrupted on the link)".into(),
-        ));
-    }
-    let mut seq = [0u8; 8];
-    seq.copy_from_slice(&h[8..16]);
-    let mut off = [0u8; 8];
-    off.copy_from_slice(&h[16..24]);
-    Ok(Frame {
-        kind,
-        seq: u64::from_be_bytes(seq),
-        offset: u64::from_be_bytes(off),
-        payload,
-    })
 }
 
 /// crc32 checksums of consecutive `region`-byte pieces of `data`.
@@ -202,27 +209,49 @@ pub fn region_checksums(data: &[u8], region: usize) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::TcpListener;
+
+    fn secret(s: &str) -> Secret {
+        Secret::new(s.as_bytes()).unwrap()
+    }
+
+    fn pair(a: &'static str, b: &'static str) -> (io::Result<Conn>, io::Result<Conn>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            Conn::establish(s, &secret(b), Role::Responder, None)
+        });
+        let c = Conn::establish(
+            TcpStream::connect(addr).unwrap(),
+            &secret(a),
+            Role::Initiator,
+            None,
+        );
+        (c, t.join().unwrap())
+    }
 
     #[test]
-    fn roundtrip_and_corruption() {
-        let mut v = Vec::new();
-        write_frame(&mut v, Kind::Write, 7, 4096, b"hello").unwrap();
-        let f = read_frame(&mut &v[..]).unwrap();
+    fn roundtrip_both_ways() {
+        let (c, t) = pair("0123456789abcdef", "0123456789abcdef");
+        let (mut c, mut t) = (c.unwrap(), t.unwrap());
+        c.write_frame(Kind::Write, 7, 4096, b"hello").unwrap();
+        let f = t.read_frame().unwrap();
         assert_eq!(
             (f.kind, f.seq, f.offset, &f.payload[..]),
             (Kind::Write, 7, 4096, &b"hello"[..])
         );
-        let mut bad = v.clone();
-        bad[33] ^= 1;
-        assert!(read_frame(&mut &bad[..])
-            .unwrap_err()
-            .to_string()
-            .contains("crc32"));
-        let mut ver = v.clone();
-        ver[4] = 9;
-        assert!(read_frame(&mut &ver[..])
-            .unwrap_err()
-            .to_string()
-            .contains("version"));
+        t.write_frame(Kind::Ack, 7, 4096, &[]).unwrap();
+        assert_eq!(c.read_frame().unwrap().kind, Kind::Ack);
+    }
+
+    #[test]
+    fn wrong_secret_is_refused_on_both_sides() {
+        let (c, t) = pair("0123456789abcdef", "some other key!!");
+        for r in [c, t] {
+            let e = r.err().expect("wrong secret accepted");
+            assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+            assert!(e.to_string().contains("cluster secret differs"), "{e}");
+        }
     }
 }

@@ -1,12 +1,13 @@
 //! The mirror target: serves a replica to the node that owns the volume.
 
-use std::io::{self, BufReader, BufWriter};
+use std::io;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use super::protocol::{read_frame, region_checksums, write_frame, Hello, HelloOk, Kind};
+use super::protocol::{region_checksums, Conn, Hello, HelloOk, Kind, MAX_PAYLOAD};
 use crate::BlockBackend;
+use link::{Role, Secret};
 
 /// The target's persisted state (`N.mirror-target.json`).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -50,13 +51,16 @@ pub struct MirrorTarget {
 impl MirrorTarget {
     /// Serves `disk` (volume `volume`, replica `replica_id`) on `listener` from background
     /// threads, one per connection; each request runs under one lock on the replica, so a
-    /// reconnecting writer and a stale connection never interleave within a request.
+    /// reconnecting writer and a stale connection never interleave within a request. Only a
+    /// client that shares `secret` gets past the handshake; others are logged and dropped, and
+    /// the target keeps accepting.
     pub fn spawn(
         listener: TcpListener,
         disk: Box<dyn BlockBackend>,
         volume: &str,
         replica_id: u64,
         state_path: &Path,
+        secret: Secret,
     ) -> io::Result<MirrorTarget> {
         let addr = listener.local_addr()?;
         let state = load_target_state(state_path);
@@ -73,11 +77,12 @@ impl MirrorTarget {
                 for conn in listener.incoming() {
                     let Ok(conn) = conn else { continue };
                     let r = replica.clone();
+                    let secret = secret.clone();
                     let _ = std::thread::Builder::new()
                         .name("mirror-conn".into())
                         .spawn(move || {
                             let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-                            if let Err(e) = handle(conn, &r) {
+                            if let Err(e) = handle(conn, &r, &secret) {
                                 if e.kind() != io::ErrorKind::UnexpectedEof {
                                     tracing::warn!("mirror connection from {peer} ended: {e}");
                                 }
@@ -94,17 +99,15 @@ impl MirrorTarget {
     }
 }
 
-fn handle(conn: TcpStream, replica: &Mutex<Replica>) -> io::Result<()> {
-    conn.set_nodelay(true)?;
-    let mut rd = BufReader::with_capacity(1 << 20, conn.try_clone()?);
-    let mut wr = BufWriter::new(conn);
+fn handle(conn: TcpStream, replica: &Mutex<Replica>, secret: &Secret) -> io::Result<()> {
+    let mut conn = Conn::establish(conn, secret, Role::Responder, None)?;
     let lock = || {
         replica
             .lock()
             .map_err(|_| io::Error::other("mirror target state poisoned"))
     };
     loop {
-        let f = read_frame(&mut rd)?;
+        let f = conn.read_frame()?;
         let reply: Result<(Kind, Vec<u8>), String> = match f.kind {
             Kind::Hello => {
                 let hello: Hello = serde_json::from_slice(&f.payload).map_err(io::Error::other)?;
@@ -143,12 +146,18 @@ fn handle(conn: TcpStream, replica: &Mutex<Replica>) -> io::Result<()> {
                         .and_then(|b| b.try_into().ok())
                         .unwrap_or([0; 4]),
                 );
-                let mut buf = vec![0u8; len as usize];
-                lock()?
-                    .disk
-                    .read_at(&mut buf, f.offset)
-                    .map(|_| (Kind::Data, buf))
-                    .map_err(|e| e.to_string())
+                if len as usize > MAX_PAYLOAD {
+                    Err(format!(
+                        "read of {len} bytes exceeds the {MAX_PAYLOAD}-byte limit"
+                    ))
+                } else {
+                    let mut buf = vec![0u8; len as usize];
+                    lock()?
+                        .disk
+                        .read_at(&mut buf, f.offset)
+                        .map(|_| (Kind::Data, buf))
+                        .map_err(|e| e.to_string())
+                }
             }
             Kind::Checksums => {
                 let p = &f.payload;
@@ -188,8 +197,8 @@ fn handle(conn: TcpStream, replica: &Mutex<Replica>) -> io::Result<()> {
             other => Err(format!("unexpected frame {other:?} at the mirror target")),
         };
         match reply {
-            Ok((k, p)) => write_frame(&mut wr, k, f.seq, f.offset, &p)?,
-            Err(msg) => write_frame(&mut wr, Kind::Error, f.seq, f.offset, msg.as_bytes())?,
+            Ok((k, p)) => conn.write_frame(k, f.seq, f.offset, &p)?,
+            Err(msg) => conn.write_frame(Kind::Error, f.seq, f.offset, msg.as_bytes())?,
         }
     }
 }

@@ -83,8 +83,18 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Opens the qcow2 image at `path`; its backing file (if any) is opened read-only.
+    /// Opens the qcow2 image at `path`; its backing chain (if any) is opened read-only, at most
+    /// [`crate::format::MAX_BACKING_DEPTH`] deep and never looping.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, OpenError> {
+        Self::open_in_chain(path, read_only, &mut Vec::new())
+    }
+
+    /// Opens `path` as the next image of a backing chain.
+    pub(crate) fn open_in_chain(
+        path: &Path,
+        read_only: bool,
+        chain: &mut crate::format::Chain,
+    ) -> Result<Self, OpenError> {
         let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
@@ -93,7 +103,8 @@ impl Qcow2 {
                 path: path.display().to_string(),
                 source,
             })?;
-        Self::from_file(file, path, read_only, true).map_err(|e| open_error(path, e))
+        crate::format::enter(chain, &file, path).map_err(|e| open_error(path, e))?;
+        Self::from_file(file, path, read_only, Some(chain)).map_err(|e| open_error(path, e))
     }
 
     /// Opens the image at `path` read-only without opening its backing file (unallocated
@@ -103,14 +114,14 @@ impl Qcow2 {
             path: path.display().to_string(),
             source,
         })?;
-        Self::from_file(file, path, true, false).map_err(|e| open_error(path, e))
+        Self::from_file(file, path, true, None).map_err(|e| open_error(path, e))
     }
 
     pub(super) fn from_file(
         file: File,
         path: &Path,
         read_only: bool,
-        open_backing: bool,
+        chain: Option<&mut crate::format::Chain>,
     ) -> io::Result<Self> {
         let file_len = file.metadata()?.len();
         let mut h = [0u8; 112];
@@ -281,26 +292,22 @@ impl Qcow2 {
         } else {
             None
         };
-        let backing = match &backing_file {
-            None => None,
-            Some(_) if !open_backing => None,
-            Some(name) => {
+        let backing = match (&backing_file, chain) {
+            (None, _) | (Some(_), None) => None,
+            (Some(name), Some(chain)) => {
                 let p = Path::new(name);
                 let full = if p.is_absolute() {
                     p.to_path_buf()
                 } else {
                     path.parent().unwrap_or(Path::new(".")).join(p)
                 };
-                let cannot = |e: OpenError| {
-                    io::Error::other(format!(
-                        "its backing file {name:?} (looked for at {}) cannot be opened: {e}; put it there or rebase the image with `qemu-img rebase`",
-                        full.display()
-                    ))
-                };
-                let b: Box<dyn BlockBackend> = match backing_format.as_deref() {
-                    Some("raw") => Box::new(crate::RawFile::open(&full, true).map_err(cannot)?),
-                    _ => crate::open_backend(&full, true).map_err(cannot)?,
-                };
+                let b = crate::format::open_backing(&full, backing_format.as_deref(), chain)
+                    .map_err(|e| {
+                        io::Error::other(format!(
+                            "its backing file {name:?} (looked for at {}) cannot be opened: {e}; put it there or rebase the image with `qemu-img rebase`",
+                            full.display()
+                        ))
+                    })?;
                 Some(b)
             }
         };

@@ -304,7 +304,7 @@ mod tests {
     fn io(dir: &std::path::Path) -> (BlockIo, std::path::PathBuf) {
         let path = dir.join("disk.raw");
         std::fs::write(&path, vec![0u8; DISK as usize]).unwrap();
-        let backend = storage::open_backend(&path, false).unwrap();
+        let backend = storage::open_disk(&path, false, Some(storage::ImageFormat::Raw)).unwrap();
         let log = Arc::new(DiskLog::default());
         (
             BlockIo::new(
