@@ -2,11 +2,14 @@
 //! tap devices that clean up after themselves, monitor processes with their consoles, and the
 //! two-node network-namespace test bed ([`TwoNodeBed`]).
 
+pub mod capture;
 pub mod ft;
 pub mod kv;
 pub mod monitor;
 pub mod netns;
+pub mod proxy;
 pub mod tap;
+pub mod timeline;
 
 use std::path::PathBuf;
 
