@@ -145,6 +145,7 @@ fn start(
         mem_mib: 256,
         timeout_ms: 100,
         unprotected,
+        ..FtSetup::new(job)
     };
     ft::start_pair(bed, &sub, &setup)
 }

@@ -3,6 +3,7 @@
 //! two-node network-namespace test bed ([`TwoNodeBed`]).
 
 pub mod capture;
+pub mod faults;
 pub mod ft;
 pub mod kv;
 pub mod monitor;

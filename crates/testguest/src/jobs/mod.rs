@@ -42,12 +42,12 @@ pub fn run(args: &Args) -> ! {
             spin::run(a.first().map_or(0, |r| number(name, r)))
         }
         "reboot" => {
-            expect_args(name, rest, 0);
+            after_ms(name, rest);
             println!("testguest: rebooting");
             crate::power::reboot()
         }
         "poweroff" => {
-            expect_args(name, rest, 0);
+            after_ms(name, rest);
             println!("testguest: powering off");
             crate::power::off()
         }
@@ -59,6 +59,15 @@ pub fn run(args: &Args) -> ! {
             unsafe { core::arch::asm!("ud2", options(noreturn)) }
         }
         _ => fatal!("unknown job `{}`", name),
+    }
+}
+
+/// `reboot|poweroff [AFTER_MS]`: with a delay, says it runs and waits that long first (so an
+/// FT pair can be protected before the guest powers off or reboots).
+fn after_ms(name: &str, args: &[&'static str]) {
+    if let Some(ms) = expect_at_most(name, args, 1).first() {
+        running(name);
+        crate::clock::Ticker::new(number(name, ms).saturating_mul(1000)).wait();
     }
 }
 
