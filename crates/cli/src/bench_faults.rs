@@ -63,7 +63,10 @@ pub fn run(args: FaultsArgs) -> anyhow::Result<i32> {
             Duration::from_secs(args.hog_secs),
         )
         .unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
-        println!("--- false failovers under stress-ng --cpu 2 --io 1 --hdd 1 ({} s, 100 ms timeout)", args.hog_secs);
+        println!(
+            "--- false failovers under stress-ng --cpu 2 --io 1 --hdd 1 ({} s, 100 ms timeout)",
+            args.hog_secs
+        );
         for (k, val) in v.as_object().into_iter().flatten() {
             println!("{k:>24}: {val}");
         }

@@ -232,6 +232,11 @@ fn capture_loop(
                 }
             }
             Ok(None) => {}
+            // The port was taken down (a fault): the socket stays bound and receives again
+            // once the port is up.
+            Err(e) if e.raw_os_error() == Some(libc::ENETDOWN) => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
             Err(e) => {
                 eprintln!("testbed: capture on {port:?} stopped: {e}");
                 return;

@@ -11,10 +11,15 @@
 //! other node. A scenario of the fault matrix has at most one legitimate hand-over (a failover):
 //! the timeline is `A…` (no failover) or `A… B…` (one failover).
 //!
-//! **Period with two copies emitting.** Every run after the second one: its port had already
-//! been left for the other one, so the copy on it was still (or again) emitting while the other
-//! copy was live — `A… B… A…` is one such period (the old primary spoke after the backup took
-//! over), `A… B… A… B…` two. [`two_live_copies`] counts them: `max(0, runs − 2)`.
+//! **Return.** Every run after the second one: its port had already been left for the other
+//! one, so the copy on it was still (or again) emitting while the other copy was live —
+//! `A… B… A…` has one return (the old primary spoke after the backup took over).
+//!
+//! **Period with two copies emitting.** A maximal sequence of returns in which each return
+//! starts at most [`PERIOD_GAP`] after the previous one ended. Two copies answering the same
+//! probes interleave their frames (`A B A B A …`): that is one period however many returns it
+//! has; a second copy that falls silent and speaks again more than [`PERIOD_GAP`] later makes
+//! a second period. [`two_live_copies`] counts the periods, [`two_live_periods`] lists them.
 //!
 //! **Resurrection.** After the guest powered off (the primary's monitor exited), any frame from
 //! the guest's MAC shows a copy alive again; [`resurrected_ports`] lists the ports that carried
@@ -89,9 +94,42 @@ pub fn runs(frames: &[Frame]) -> Vec<Run> {
     out
 }
 
-/// Periods with two copies emitting (see the module docs): runs beyond the second.
+/// Returns further apart than this start a new period with two copies emitting.
+pub const PERIOD_GAP: Duration = Duration::from_secs(1);
+
+/// A period with two copies emitting (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Period {
+    /// First frame of its first return.
+    pub first: Duration,
+    /// Last frame of its last return.
+    pub last: Duration,
+    /// Returns (runs back on a port already left) in it.
+    pub returns: usize,
+}
+
+/// The periods with two copies emitting in `frames` (sorted by time).
+pub fn two_live_periods(frames: &[Frame]) -> Vec<Period> {
+    let mut out: Vec<Period> = Vec::new();
+    for r in runs(frames).iter().skip(2) {
+        match out.last_mut() {
+            Some(p) if r.first.saturating_sub(p.last) <= PERIOD_GAP => {
+                p.last = r.last;
+                p.returns += 1;
+            }
+            _ => out.push(Period {
+                first: r.first,
+                last: r.last,
+                returns: 1,
+            }),
+        }
+    }
+    out
+}
+
+/// Number of periods with two copies emitting (see the module docs).
 pub fn two_live_copies(frames: &[Frame]) -> usize {
-    runs(frames).len().saturating_sub(2)
+    two_live_periods(frames).len()
 }
 
 /// The first hand-over: the time of the first frame on the port other than the first frame's.
@@ -120,12 +158,30 @@ pub fn live_port(frames: &[Frame]) -> Option<Port> {
     frames.last().map(|f| f.port)
 }
 
-/// A compact JSON description of the runs, for reports: `[["A", first_ms, last_ms, n], ...]`.
+/// Runs shown by [`runs_json`].
+pub const RUNS_SHOWN: usize = 12;
+
+/// A compact JSON description of the runs, for reports: `[["A", first_ms, last_ms, n], ...]`,
+/// the first [`RUNS_SHOWN`] of them, then `["more", count]` if there are more.
 pub fn runs_json(frames: &[Frame]) -> Value {
+    let all = runs(frames);
+    let mut v: Vec<Value> = all
+        .iter()
+        .take(RUNS_SHOWN)
+        .map(|r| json!([format!("{:?}", r.port), ms(r.first), ms(r.last), r.frames]))
+        .collect();
+    if all.len() > RUNS_SHOWN {
+        v.push(json!(["more", all.len() - RUNS_SHOWN]));
+    }
+    Value::Array(v)
+}
+
+/// The periods with two copies emitting as JSON: `[[first_ms, last_ms, returns], ...]`.
+pub fn periods_json(frames: &[Frame]) -> Value {
     Value::Array(
-        runs(frames)
+        two_live_periods(frames)
             .iter()
-            .map(|r| json!([format!("{:?}", r.port), ms(r.first), ms(r.last), r.frames]))
+            .map(|p| json!([ms(p.first), ms(p.last), p.returns]))
             .collect(),
     )
 }
@@ -179,11 +235,40 @@ mod tests {
     }
 
     #[test]
-    fn interleaved_copies_count_every_return() {
-        let f = tl(&[(0, A), (1, B), (2, A), (3, B), (4, A)]);
-        assert_eq!(two_live_copies(&f), 3);
+    fn interleaved_copies_are_one_period_however_long() {
+        let f = tl(&[(0, A), (1, B), (2, A), (3, B), (4, A), (900, B), (1800, A)]);
+        assert_eq!(
+            two_live_periods(&f),
+            vec![Period {
+                first: Duration::from_millis(2),
+                last: Duration::from_millis(1800),
+                returns: 5
+            }]
+        );
+        assert_eq!(two_live_copies(&f), 1);
         // A brief second copy that stops again still counts.
         let f = tl(&[(0, A), (100, B), (200, A), (300, A)]);
+        assert_eq!(two_live_copies(&f), 1);
+    }
+
+    #[test]
+    fn a_second_copy_speaking_again_later_is_a_new_period() {
+        // Returns at 200, 300, 400 and 450 ms (one period), then one at 2500 ms, 2 s later.
+        let f = tl(&[
+            (0, A),
+            (100, B),
+            (200, A),
+            (300, B),
+            (400, A),
+            (450, B),
+            (2500, A),
+        ]);
+        let p = two_live_periods(&f);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert_eq!(p[0].returns, 4);
+        assert_eq!(p[1].first, Duration::from_millis(2500));
+        // Exactly PERIOD_GAP apart still belongs to the same period.
+        let f = tl(&[(0, A), (100, B), (200, A), (1200, B)]);
         assert_eq!(two_live_copies(&f), 1);
     }
 
@@ -209,6 +294,18 @@ mod tests {
         assert_eq!(resurrected_ports(&f, Duration::from_millis(50)), vec![A, B]);
         // A frame exactly at the power-off instant is not after it.
         assert!(resurrected_ports(&f, Duration::from_millis(310)).is_empty());
+    }
+
+    #[test]
+    fn runs_json_shows_the_first_runs_and_counts_the_rest() {
+        let spec: Vec<(u64, Port)> = (0..20)
+            .map(|i| (i * 10, if i % 2 == 0 { A } else { B }))
+            .collect();
+        let v = runs_json(&tl(&spec));
+        let a = v.as_array().unwrap();
+        assert_eq!(a.len(), RUNS_SHOWN + 1);
+        assert_eq!(a[RUNS_SHOWN], json!(["more", 20 - RUNS_SHOWN]));
+        assert_eq!(periods_json(&tl(&spec)), json!([[20.0, 190.0, 18]]));
     }
 
     #[test]

@@ -108,6 +108,42 @@ fn capture_sees_guest_frames_on_the_port_of_the_node_that_sent_them() {
     );
 }
 
+#[test]
+fn capture_keeps_seeing_a_port_that_went_down_and_up() {
+    let bed = bed();
+    let mac = netns::parse_mac(bed.guest_mac()).unwrap();
+    let cap = LanCapture::start(&bed, mac).unwrap();
+    let mut tap_a = bed.open_tap(bed.node_a(), bed.tap_name()).unwrap();
+    let t1 = inject_until_seen(
+        &mut tap_a,
+        &frame_from(mac, 1),
+        &cap,
+        Port::A,
+        Duration::ZERO,
+    )
+    .expect("a guest frame from node A");
+    bed.link_down(testbed::netns::Link::LanA).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    tap_a.write_all(&frame_from(mac, 2)).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        cap.frames()
+            .iter()
+            .all(|f| f.t <= t1 + Duration::from_millis(100)),
+        "nothing passes a port that is down"
+    );
+    bed.link_up(testbed::netns::Link::LanA).unwrap();
+    let t2 = inject_until_seen(
+        &mut tap_a,
+        &frame_from(mac, 3),
+        &cap,
+        Port::A,
+        t1 + Duration::from_millis(400),
+    )
+    .expect("the capture sees node A's port again once it is up");
+    assert!(t2 > t1);
+}
+
 /// ARP requests for the guest's address read from `tap` within `wait`.
 fn arp_requests(tap: &mut std::fs::File, target: [u8; 4], wait: Duration) -> usize {
     let t0 = Instant::now();

@@ -6,8 +6,9 @@
 //! - **two live copies**: periods with two copies emitting guest frames on the LAN, as defined
 //!   in [`crate::timeline`] (must be 0), plus whether two copies still run at the end;
 //! - **resurrections** after a guest power-off: nodes on which the guest showed life after the
-//!   power-off — a frame from its MAC on that node's port, or that node's monitor still
-//!   running a VM 3 s later (must be 0);
+//!   power-off — a frame from its MAC on that node's port after the last moment the primary's
+//!   monitor was seen running (polled every 2 ms; the power-off lies between that moment and
+//!   the monitor's exit), or that node's monitor still running a VM 3 s later (must be 0);
 //! - **failover time**: fault (node silent) → first kv OK that arrived after node B's port
 //!   carried its first guest frame;
 //! - **protected at end**: after the fault is undone, the node not running the guest is
@@ -153,6 +154,8 @@ pub struct Outcome {
     pub live_node: Option<Port>,
     /// The capture's runs (see [`timeline::runs_json`]).
     pub runs: Value,
+    /// The periods with two copies emitting (see [`timeline::periods_json`]).
+    pub periods: Value,
     /// What happened, for humans (states seen, errors of the repair).
     pub notes: Vec<String>,
 }
@@ -171,6 +174,7 @@ impl Outcome {
             "failover_ms": self.failover_ms.map(|v| (v * 10.0).round() / 10.0),
             "protected_at_end": self.protected_at_end,
             "live_node": self.live_node.map(|p| format!("{p:?}")),
+            "periods": self.periods,
             "runs": self.runs,
             "notes": self.notes,
         })
@@ -187,8 +191,8 @@ impl Outcome {
         }
         if self.two_live_copies > 0 {
             v.push(format!(
-                "{} period(s) with two copies emitting frames (runs {})",
-                self.two_live_copies, self.runs
+                "{} period(s) with two copies emitting frames ([first ms, last ms, returns]: {}; runs {})",
+                self.two_live_copies, self.periods, self.runs
             ));
         }
         if self.copies_running_at_end > 1 {
@@ -321,10 +325,12 @@ pub fn summary(v: &[f64]) -> Value {
     })
 }
 
-/// The frames of the capture as a timeline summary, for notes.
+/// The frames of the capture as a timeline summary (the first runs), for notes.
 pub fn describe_runs(frames: &[timeline::Frame]) -> String {
-    timeline::runs(frames)
+    let all = timeline::runs(frames);
+    let mut s = all
         .iter()
+        .take(timeline::RUNS_SHOWN)
         .map(|r| {
             format!(
                 "{:?}[{:.0}-{:.0} ms, {}]",
@@ -335,5 +341,12 @@ pub fn describe_runs(frames: &[timeline::Frame]) -> String {
             )
         })
         .collect::<Vec<_>>()
-        .join(" ")
+        .join(" ");
+    if all.len() > timeline::RUNS_SHOWN {
+        s.push_str(&format!(
+            " ... {} more runs",
+            all.len() - timeline::RUNS_SHOWN
+        ));
+    }
+    s
 }

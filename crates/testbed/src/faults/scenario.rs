@@ -178,7 +178,9 @@ impl<'a> Run<'a> {
     }
 
     fn proxy(&self) -> anyhow::Result<&AlinkProxy> {
-        self.proxy.as_ref().context("this scenario has no A-link proxy")
+        self.proxy
+            .as_ref()
+            .context("this scenario has no A-link proxy")
     }
 
     fn note(&mut self, s: impl Into<String>) {
@@ -284,8 +286,19 @@ impl<'a> Run<'a> {
                 s(3000);
             }
             Scenario::GuestPowerOff => {
-                let st = self.pair.primary.wait_exit(Duration::from_secs(30))?;
-                let off = Instant::now();
+                // The power-off lies between the last moment the primary was seen running and
+                // its exit: count from that last moment (polled every 2 ms).
+                let mut off = Instant::now();
+                let st = loop {
+                    if let Ok(st) = self.pair.primary.wait_exit(Duration::ZERO) {
+                        break st;
+                    }
+                    if off.elapsed() > Duration::from_secs(30) {
+                        bail!("the guest did not power off within 30 s");
+                    }
+                    off = Instant::now();
+                    s(2);
+                };
                 if !self.pair.primary.console_text().contains("powering off") {
                     bail!(
                         "the primary exited ({st}) without the guest powering off: {}",
@@ -397,6 +410,7 @@ impl<'a> Run<'a> {
             protected_at_end,
             live_node: live.or_else(|| timeline::live_port(&frames)),
             runs: timeline::runs_json(&frames),
+            periods: timeline::periods_json(&frames),
             notes: std::mem::take(&mut self.notes),
         })
     }
@@ -434,9 +448,19 @@ impl<'a> Run<'a> {
             }
         }
         let ok = wait_state(&self.sock(live), "protected", REPROTECT_TIMEOUT);
-        let state = self.ft_state(live);
+        let ft = status_of(&self.sock(live)).map(|v| v["ft"].clone());
+        let state = ft.as_ref().map(|f| f["state"].clone());
+        let reason = ft.as_ref().map(|f| f["reason"].clone());
+        let replacement = self
+            .replacement
+            .as_mut()
+            .map(|m| match m.wait_exit(Duration::ZERO) {
+                Ok(st) => format!("exited {st}: {}", m.stderr_text().trim()),
+                Err(_) => "running".to_string(),
+            });
         self.note(format!(
-            "after the repair ({other:?} replaced): live copy on {live:?} is {state}"
+            "after the repair ({other:?} replaced): live copy on {live:?} is {state:?} \
+             ({reason:?}); new backup {replacement:?}"
         ));
         ok
     }
@@ -498,7 +522,8 @@ fn disk_error_disks(dir: &Path) -> anyhow::Result<(String, String, PathBuf)> {
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut data))
         .context("cannot read /dev/urandom")?;
-    let mut f = std::fs::File::create(&a).with_context(|| format!("cannot create {}", a.display()))?;
+    let mut f =
+        std::fs::File::create(&a).with_context(|| format!("cannot create {}", a.display()))?;
     f.write_all(&data)?;
     f.set_len(4 << 20)?;
     let t = dir.join("b-tmpfs");
@@ -507,11 +532,7 @@ fn disk_error_disks(dir: &Path) -> anyhow::Result<(String, String, PathBuf)> {
     std::fs::File::create(&b)
         .and_then(|f| f.set_len(4 << 20))
         .with_context(|| format!("cannot create the sparse {}", b.display()))?;
-    Ok((
-        a.display().to_string(),
-        b.display().to_string(),
-        t,
-    ))
+    Ok((a.display().to_string(), b.display().to_string(), t))
 }
 
 /// Runs a protected kv guest at the default timeout while `stress-ng --cpu 2 --io 1 --hdd 1`
@@ -560,6 +581,7 @@ pub fn false_failovers(bed: &TwoNodeBed, dir: &Path, hog: Duration) -> anyhow::R
             "backup_state": b_state,
             "primary_rejected_frames": a.as_ref().map(|v| v["ft"]["rejected_frames"].clone()),
             "two_live_copies": timeline::two_live_copies(&frames),
+            "two_live_periods": timeline::periods_json(&frames),
             "acked_writes": acked.len(),
             "acked_writes_lost": lost,
             "runs": timeline::runs_json(&frames),

@@ -36,7 +36,9 @@ pub struct KvWriter {
 }
 
 fn connect(ns: &str, addr: SocketAddr, deadline: Duration) -> anyhow::Result<KvClient> {
-    netns::in_ns(ns, move || KvClient::connect(addr, REQUEST_TIMEOUT, deadline))?
+    netns::in_ns(ns, move || {
+        KvClient::connect(addr, REQUEST_TIMEOUT, deadline)
+    })?
 }
 
 impl KvWriter {
