@@ -29,6 +29,9 @@ pub enum BenchCommand {
         /// Print one JSON object on the last line.
         #[arg(long)]
         json: bool,
+        /// Prefix of the test bed's network namespaces.
+        #[arg(long, default_value = "ftbench-")]
+        bed_prefix: String,
     },
     /// The FT fault matrix on the two-node test bed: each fault scenario N times (acknowledged
     /// writes lost, periods with two live copies, resurrections, failover time, protection at
@@ -46,6 +49,9 @@ pub enum BenchCommand {
         /// Print one JSON object on the last line.
         #[arg(long)]
         json: bool,
+        /// Prefix of the test bed's network namespaces.
+        #[arg(long, default_value = "ftfaults-")]
+        bed_prefix: String,
     },
     /// Storage: mirrored vs local writes, resync vs a raw copy, qcow2 vs raw random reads.
     Storage {
@@ -66,17 +72,19 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<i32> {
     match cmd {
         BenchCommand::Boot { runs, json } => crate::bench_vm::boot(runs, json),
         BenchCommand::Pause { cycles, json } => crate::bench_vm::pause(cycles, json),
-        BenchCommand::Ft { json } => crate::bench_ft::run(json),
+        BenchCommand::Ft { json, bed_prefix } => crate::bench_ft::run(json, &bed_prefix),
         BenchCommand::Faults {
             rounds,
             scenarios,
             hog_secs,
             json,
+            bed_prefix,
         } => crate::bench_faults::run(crate::bench_faults::FaultsArgs {
             rounds,
             scenarios,
             hog_secs,
             json,
+            bed_prefix,
         }),
         BenchCommand::Storage { size, dir, json } => crate::bench_storage::run(size, dir, json),
     }

@@ -19,6 +19,8 @@ pub struct FaultsArgs {
     pub hog_secs: u64,
     /// Print one JSON object on the last line.
     pub json: bool,
+    /// Prefix of the test bed's network namespaces.
+    pub bed_prefix: String,
 }
 
 /// Runs the benchmark.
@@ -34,9 +36,9 @@ pub fn run(args: FaultsArgs) -> anyhow::Result<i32> {
             .map(|s| Scenario::from_name(s))
             .collect::<anyhow::Result<_>>()?
     };
-    let prefix = format!("ftfaults{}-", std::process::id() % 100_000);
-    TwoNodeBed::cleanup_stale(&prefix)?;
-    let bed = TwoNodeBed::up(&prefix).context("cannot build the test bed")?;
+    let prefix = &args.bed_prefix;
+    TwoNodeBed::cleanup_stale(prefix)?;
+    let bed = TwoNodeBed::up(prefix).context("cannot build the test bed")?;
     let dir = testbed::Scratch::new("bench-faults")?;
 
     let mut all: Vec<Outcome> = Vec::new();

@@ -14,11 +14,11 @@ const RATES: [u64; 3] = [0, 10_000, 100_000];
 const RTT_SAMPLES: usize = 500;
 
 /// Runs the benchmark; prints one line per figure and, with `as_json`, a JSON object last.
-pub fn run(as_json: bool) -> anyhow::Result<i32> {
+/// The bed's namespaces start with `prefix`; SIGINT, SIGTERM and SIGHUP remove them.
+pub fn run(as_json: bool, prefix: &str) -> anyhow::Result<i32> {
     if !testbed::can_run_vms() {
         anyhow::bail!("ftvm bench ft needs root and /dev/kvm (it builds network namespaces)");
     }
-    let prefix = "ftbench-";
     TwoNodeBed::cleanup_stale(prefix)?;
     let bed = TwoNodeBed::up(prefix).context("cannot build the test bed")?;
     let dir = testbed::Scratch::new("bench-ft")?;

@@ -11,37 +11,15 @@ use anyhow::{bail, Context};
 use testbed::ft::{self, FtSetup};
 use testbed::TwoNodeBed;
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_interrupt(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-fn interrupted() -> anyhow::Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted; the test bed was removed");
-    }
-    Ok(())
-}
-
 /// Runs the demo; `seconds` of protected running before node A is killed.
-pub fn run(seconds: u64) -> anyhow::Result<i32> {
+///
+/// The bed's namespaces are `{prefix}node-a`, `{prefix}node-b`, `{prefix}client`; SIGINT, SIGTERM
+/// and SIGHUP remove them (the test bed's signal watcher) before the process ends.
+pub fn run(seconds: u64, prefix: &str) -> anyhow::Result<i32> {
     if !testbed::can_run_vms() {
         bail!("ftvm demo needs root and /dev/kvm: run it with sudo");
     }
     crate::vm::testguest_path()?;
-    // SAFETY: installing async-signal-safe handlers that only store to an atomic.
-    unsafe {
-        libc::signal(
-            libc::SIGINT,
-            on_interrupt as *const () as libc::sighandler_t,
-        );
-        libc::signal(
-            libc::SIGTERM,
-            on_interrupt as *const () as libc::sighandler_t,
-        );
-    }
-    let prefix = "demo-";
     TwoNodeBed::cleanup_stale(prefix)?;
     println!("ftvm demo: building the two-node test bed (network namespaces)…");
     let bed = TwoNodeBed::up(prefix).context("cannot build the test bed")?;
@@ -94,7 +72,6 @@ fn demo(bed: &TwoNodeBed, dir: &testbed::Scratch, seconds: u64) -> anyhow::Resul
     };
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(seconds) {
-        interrupted()?;
         std::thread::sleep(Duration::from_millis(500));
         let st = pair.primary.api("GET", "/status", None)?;
         let f = &st["ft"];
@@ -115,7 +92,6 @@ fn demo(bed: &TwoNodeBed, dir: &testbed::Scratch, seconds: u64) -> anyhow::Resul
         .join()
         .map_err(|_| anyhow::anyhow!("writer panicked"))??;
     let phase1 = *acked.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-    interrupted()?;
 
     // Phase 2: SIGKILL node A while writing.
     println!(

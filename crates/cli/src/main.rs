@@ -37,6 +37,9 @@ enum Command {
         /// Seconds of protected running before node A is killed.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+        /// Prefix of the test bed's network namespaces.
+        #[arg(long, default_value = "demo-")]
+        bed_prefix: String,
     },
     /// Benchmarks that print figures.
     #[command(subcommand)]
@@ -60,9 +63,15 @@ fn main() {
         Command::Image(cmd) => image::run(cmd),
         Command::Volume(cmd) => volume::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
-        Command::Demo { seconds } => demo::run(seconds),
+        Command::Demo {
+            seconds,
+            bed_prefix,
+        } => demo::run(seconds, &bed_prefix),
         Command::Testbed(cmd) => testbed_cmd::run(cmd),
     };
+    // A terminating signal's bed cleanup ends the process itself (status 128 + signal), even
+    // when this thread got here first because the bed went away under it.
+    testbed::cleanup::wait_if_terminating();
     match result {
         Ok(code) => std::process::exit(code),
         Err(err) => {

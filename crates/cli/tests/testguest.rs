@@ -134,8 +134,12 @@ fn read_only_disk_refuses_guest_writes() {
         "-- blk-pattern 64",
         &s(&["--disk", &format!("{},readonly", disk.display())]),
     );
-    vm.wait_for("blk-pattern", BOOT).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    // The guest sees the read-only flag, writes anyway, and the monitor answers with an I/O
+    // error status (1): the job reports the refused write and powers off.
+    vm.wait_for("read-only (VIRTIO_BLK_F_RO); writing anyway", BOOT)
+        .unwrap();
+    vm.wait_for("blk-pattern: write at sector 0: Status(1)", BOOT)
+        .unwrap();
     let text = vm.console_text();
     assert!(
         !text.contains("blk-pattern ok"),

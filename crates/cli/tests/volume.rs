@@ -52,16 +52,21 @@ fn create_list_info_resize_delete_and_sizing() {
     assert!(info.contains("snapshots:  0 of 2"), "{info}");
     let (c, o) = qemu_img(&["check", p(&pool.join("db.qcow2"))]);
     assert_eq!(c, 0, "{o}");
-    // Resize: grow ok, shrink refused, and a grow beyond the pool refused with numbers.
+    // Resize: grow ok, shrink of the empty tail ok, and a grow beyond the pool refused with
+    // numbers.
     ok(&[
         "volume", "resize", "--pool", pl, "--name", "db", "--size", "2G",
     ]);
     let (_, info) = qemu_img(&["info", p(&pool.join("db.qcow2"))]);
     assert!(info.contains("virtual size: 2 GiB"), "{info}");
-    assert!(
-        fails(&["volume", "resize", "--pool", pl, "--name", "db", "--size", "1G"])
-            .contains("shrinking")
-    );
+    ok(&[
+        "volume", "resize", "--pool", pl, "--name", "db", "--size", "1G",
+    ]);
+    let (_, info) = qemu_img(&["info", p(&pool.join("db.qcow2"))]);
+    assert!(info.contains("virtual size: 1 GiB"), "{info}");
+    ok(&[
+        "volume", "resize", "--pool", pl, "--name", "db", "--size", "2G",
+    ]);
     let err = fails(&[
         "volume", "resize", "--pool", pl, "--name", "db", "--size", "8G",
     ]);
@@ -370,4 +375,117 @@ fn import_is_detected_resumable_after_kill9_and_exact() {
     assert!(
         fails(&["volume", "import", "--pool", pl, "--name", "q", p(&q)]).contains("already exists")
     );
+}
+
+#[test]
+fn compressed_cloud_style_images_import_kept_or_expanded() {
+    let d = Scratch::new("vol-compressed").unwrap();
+    let pool = d.path("pool");
+    let pl = p(&pool);
+    fs::create_dir_all(&pool).unwrap();
+    ok(&["volume", "pool-init", "--pool", pl]);
+    // A compressible 8 MiB disk, compressed the way distributions ship cloud images.
+    let raw = d.path("disk.raw");
+    let data: Vec<u8> = (0..8u32 << 20).map(|i| ((i / 4096) % 13) as u8).collect();
+    fs::write(&raw, &data).unwrap();
+    let img = d.path("cloud.qcow2");
+    let out = std::process::Command::new("qemu-img")
+        .args([
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            p(&raw),
+            p(&img),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    let said = ok(&["volume", "import", "--pool", pl, "--name", "kept", p(&img)]);
+    assert!(said.contains("compressed (kept"), "{said}");
+    let info: serde_json::Value = serde_json::from_str(&ok(&[
+        "volume", "info", "--pool", pl, "--name", "kept", "--json",
+    ]))
+    .unwrap();
+    assert!(
+        info["clusters"]["compressed"].as_u64().unwrap() > 0,
+        "{info}"
+    );
+    let text = ok(&["volume", "info", "--pool", pl, "--name", "kept"]);
+    assert!(text.contains("compressed ("), "{text}");
+
+    let said = ok(&[
+        "volume",
+        "import",
+        "--pool",
+        pl,
+        "--name",
+        "flat",
+        "--decompress",
+        p(&img),
+    ]);
+    assert!(said.contains("expanded"), "{said}");
+    let info: serde_json::Value = serde_json::from_str(&ok(&[
+        "volume", "info", "--pool", pl, "--name", "flat", "--json",
+    ]))
+    .unwrap();
+    assert_eq!(info["clusters"]["compressed"], 0, "{info}");
+    assert!(info["clusters"]["data"].as_u64().unwrap() > 0, "{info}");
+    // Both volumes hold the source's bytes, and qemu-img finds them clean.
+    for v in ["kept", "flat"] {
+        let info: serde_json::Value = serde_json::from_str(&ok(&[
+            "volume", "info", "--pool", pl, "--name", v, "--json",
+        ]))
+        .unwrap();
+        let file = info["data_file"].as_str().unwrap().to_string();
+        let check = std::process::Command::new("qemu-img")
+            .args(["check", &file])
+            .output()
+            .unwrap();
+        assert!(check.status.success(), "{v}: {check:?}");
+        let cmp = std::process::Command::new("qemu-img")
+            .args(["compare", "-f", "qcow2", "-F", "raw", &file, p(&raw)])
+            .output()
+            .unwrap();
+        assert!(cmp.status.success(), "{v}: {cmp:?}");
+    }
+}
+
+#[test]
+fn shrinking_keeps_every_stored_byte() {
+    let d = Scratch::new("vol-shrink").unwrap();
+    let pool = d.path("pool");
+    let pl = p(&pool);
+    ok(&["volume", "pool-init", "--pool", pl]);
+    ok(&[
+        "volume", "create", "--pool", pl, "--name", "r", "--size", "8M", "--format", "raw",
+    ]);
+    let file = pool.join("r.raw");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new().write(true).open(&file).unwrap();
+        f.write_all_at(b"keep me", 6 << 20).unwrap();
+    }
+    let err = fails(&[
+        "volume", "resize", "--pool", pl, "--name", "r", "--size", "4M",
+    ]);
+    assert!(
+        err.contains("cannot shrink") && err.contains(&(6u64 << 20).to_string()),
+        "{err}"
+    );
+    assert_eq!(
+        fs::metadata(&file).unwrap().len(),
+        8 << 20,
+        "refused, yet resized"
+    );
+    // Past the data, shrinking is fine.
+    ok(&[
+        "volume", "resize", "--pool", pl, "--name", "r", "--size", "7M",
+    ]);
+    let bytes = fs::read(&file).unwrap();
+    assert_eq!(bytes.len(), 7 << 20);
+    assert_eq!(&bytes[6 << 20..(6 << 20) + 7], b"keep me");
 }

@@ -69,6 +69,11 @@ impl BlockBackend for FaultyBackend {
         self.switch.check(&self.switch.fail_writes, "flush")?;
         self.inner.flush()
     }
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.switch.check(&self.switch.fail_writes, "write")?;
+        self.inner.write_zeroes(offset, len)
+    }
+
     fn read_only(&self) -> bool {
         self.inner.read_only()
     }

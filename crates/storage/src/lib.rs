@@ -30,6 +30,19 @@ pub trait BlockBackend: Send {
     fn flush(&mut self) -> io::Result<()>;
     /// Whether writes are refused.
     fn read_only(&self) -> bool;
+    /// Makes `len` bytes at `offset` read as zeros, freeing their space where the format can
+    /// (a guest's TRIM, virtio-blk DISCARD and WRITE_ZEROES). The default writes zeros.
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeros = vec![0u8; CHUNK.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = CHUNK.min(len - done);
+            self.write_at(&zeros[..n as usize], offset + done)?;
+            done += n;
+        }
+        Ok(())
+    }
 }
 
 /// Errors opening a disk.
@@ -42,6 +55,14 @@ pub enum OpenError {
         path: String,
         /// Why.
         source: io::Error,
+    },
+    /// The image uses a feature ftvm does not implement (the image itself may be fine).
+    #[error("disk {path} uses a feature ftvm does not support: {reason}")]
+    Unsupported {
+        /// The disk path.
+        path: String,
+        /// Which feature, and what to do.
+        reason: String,
     },
     /// The file is not a disk image we can use.
     #[error("disk {path} is not usable: {reason}")]

@@ -595,12 +595,16 @@ impl Pool {
         let _lock = self.lock()?;
         let mut meta = self.load(name)?;
         self.check_complete(&meta)?;
-        if new_size < meta.size {
-            return Err(PoolError::Invalid(format!(
-                "shrinking {name:?} from {} to {} would discard data; only growing is supported",
-                human(meta.size),
-                human(new_size)
-            )));
+        if new_size < meta.size && meta.format == ImageFormat::Raw {
+            let p = self.data_path(&meta);
+            if let Some(at) =
+                first_nonzero(&p, new_size, meta.size).ctx(|| format!("reading {}", p.display()))?
+            {
+                return Err(PoolError::Invalid(format!(
+                    "cannot shrink {name:?} to {}: data lies at byte {at} (past the new end); discard it in the guest first (fstrim) or keep the size",
+                    human(new_size)
+                )));
+            }
         }
         self.check_room(
             name,
@@ -656,6 +660,28 @@ impl Pool {
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .ctx(|| format!("syncing {}", self.dir.display()))
+    }
+
+    /// How a qcow2 volume's clusters are stored (`None` for raw volumes).
+    pub fn cluster_counts(&self, name: &str) -> Result<Option<crate::qcow2::ClusterCounts>> {
+        let meta = self.load(name)?;
+        if meta.format != ImageFormat::Qcow2 {
+            return Ok(None);
+        }
+        let mut q = self.open_qcow2(&meta, true, "be inspected")?;
+        let c = q
+            .cluster_counts()
+            .ctx(|| format!("reading the tables of volume {name:?}"))?;
+        Ok(Some(c))
+    }
+
+    /// Rewrites a qcow2 volume's compressed clusters as plain ones; returns how many.
+    pub fn decompress(&self, name: &str) -> Result<u64> {
+        let _lock = self.lock()?;
+        let meta = self.load(name)?;
+        let mut q = self.open_qcow2(&meta, false, "be decompressed")?;
+        q.decompress_all()
+            .ctx(|| format!("decompressing volume {name:?}"))
     }
 
     /// Lists a qcow2 volume's snapshots.
@@ -968,7 +994,12 @@ impl Pool {
                 }
                 done
             }
-            ImageFormat::Qcow2 => match Qcow2::open(&partial, true) {
+            ImageFormat::Qcow2 => match Qcow2::open_unbacked(&partial) {
+                Err(crate::OpenError::Unsupported { reason, .. }) => {
+                    return Err(fail(format!(
+                        "the image uses a qcow2 feature ftvm does not support: {reason}; nothing was created"
+                    )))
+                }
                 Err(e) => {
                     return Err(fail(format!(
                         "the imported qcow2 image is unusable ({e}); the source looks truncated or corrupt; nothing was created"
@@ -976,7 +1007,7 @@ impl Pool {
                 }
                 Ok(q) if q.backing_file().is_some() => {
                     return Err(fail(format!(
-                        "the imported qcow2 image has a backing file ({}); flatten it first with `qemu-img convert -O qcow2`",
+                        "the imported qcow2 image has a backing file ({:?}); a volume must stand alone: flatten it first with `qemu-img convert -O qcow2 SOURCE FLAT.qcow2`; nothing was created",
                         q.backing_file().unwrap_or("")
                     )))
                 }
@@ -1015,6 +1046,36 @@ impl Pool {
         let _ = fs::remove_file(self.dir.join(format!(".{name}.import.lock")));
         Ok(meta)
     }
+}
+
+/// The offset of the first nonzero byte of `path` in `[from, to)`, skipping holes.
+fn first_nonzero(path: &Path, from: u64, to: u64) -> io::Result<Option<u64>> {
+    use std::os::fd::AsRawFd;
+    let f = File::open(path)?;
+    let mut off = from;
+    let mut buf = vec![0u8; 1 << 20];
+    while off < to {
+        // SAFETY: lseek only reads its integer arguments on a descriptor `f` keeps open.
+        let data = unsafe { libc::lseek(f.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
+        if data >= 0 {
+            off = (data as u64).max(off);
+        } else if io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None); // no data past `off`
+        } // else: no SEEK_DATA here; read everything
+        if off >= to {
+            return Ok(None);
+        }
+        let n = (buf.len() as u64).min(to - off) as usize;
+        let got = f.read_at(&mut buf[..n], off)?;
+        if got == 0 {
+            return Ok(None);
+        }
+        if let Some(i) = buf[..got].iter().position(|&b| b != 0) {
+            return Ok(Some(off + i as u64));
+        }
+        off += got as u64;
+    }
+    Ok(None)
 }
 
 /// Checks that every allocated cluster of `q` lies inside its `file_len`-byte file.

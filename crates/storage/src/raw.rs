@@ -73,6 +73,43 @@ impl BlockBackend for RawFile {
     fn read_only(&self) -> bool {
         self.read_only
     }
+
+    /// Punches a hole: the range reads as zeros and its blocks return to the file system.
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "disk is read-only",
+            ));
+        }
+        check_range(
+            offset,
+            usize::try_from(len).unwrap_or(usize::MAX),
+            self.size,
+        )?;
+        // SAFETY: fallocate only reads its integer arguments; `self.file` owns the descriptor
+        // for the duration of the call.
+        let r = unsafe {
+            libc::fallocate(
+                std::os::fd::AsRawFd::as_raw_fd(&self.file),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        // A file system without hole punching: write the zeros.
+        let mut done = 0;
+        let zeros = vec![0u8; (1u64 << 20).min(len) as usize];
+        while done < len {
+            let n = (zeros.len() as u64).min(len - done) as usize;
+            self.file.write_all_at(&zeros[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
 }
 
 /// Fails when `[offset, offset + len)` does not lie inside a device of `size` bytes.

@@ -3,6 +3,7 @@
 //! two-node network-namespace test bed ([`TwoNodeBed`]).
 
 pub mod capture;
+pub mod cleanup;
 pub mod faults;
 pub mod ft;
 pub mod kv;

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+use crate::cleanup::{self, BedLock};
 pub use crate::proxy::{AlinkProxy, Fault};
 use crate::Monitor;
 
@@ -309,12 +310,15 @@ fn wait_oper_up(devs: &[(&str, &str)]) -> anyhow::Result<()> {
 }
 
 /// Deletes a namespace after killing its processes (its interfaces go with it).
-fn remove_ns(ns: &str) -> anyhow::Result<()> {
+pub(crate) fn remove_ns(ns: &str) -> anyhow::Result<()> {
     if !netns_exists(ns) {
         return Ok(());
     }
     kill_all_in(ns)?;
-    ip(&["netns", "del", ns])?;
+    let _lock = BedLock::take()?;
+    if netns_exists(ns) {
+        ip(&["netns", "del", ns])?;
+    }
     Ok(())
 }
 
@@ -391,15 +395,22 @@ impl TwoNodeBed {
         require_root("the two-node test bed")?;
         check_prefix(prefix)?;
         let [node_a, node_b, client] = Self::names(prefix);
+        // Checking and creating the namespaces is one step for all processes on the machine.
+        let lock = BedLock::take()?;
         for ns in [&node_a, &node_b, &client] {
             if netns_exists(ns) {
+                let owner = match cleanup::live_owner(prefix) {
+                    Some(pid) => format!(" (it belongs to running process {pid})"),
+                    None => String::new(),
+                };
                 bail!(
-                    "network namespace {ns} already exists: remove the old bed with \
+                    "network namespace {ns} already exists{owner}: remove the old bed with \
                      `ftvm testbed down --prefix '{prefix}'` (or TwoNodeBed::cleanup_stale)"
                 );
             }
         }
-        // From here on, dropping `bed` removes whatever was built.
+        // From here on, dropping `bed` removes whatever was built, and so does a terminating
+        // signal.
         let bed = Self {
             prefix: prefix.to_string(),
             node_a,
@@ -407,7 +418,18 @@ impl TwoNodeBed {
             client,
             keep: false,
         };
+        cleanup::register(prefix, &bed.namespaces());
+        cleanup::record_owner(prefix)?;
+        for ns in bed.namespaces() {
+            ip(&["netns", "add", ns])?;
+        }
+        drop(lock);
         bed.build().context("cannot build the two-node test bed")?;
+        for ns in bed.namespaces() {
+            if !netns_exists(ns) {
+                bail!("network namespace {ns} vanished while the bed was built (removed by another process?)");
+            }
+        }
         Ok(bed)
     }
 
@@ -434,7 +456,6 @@ impl TwoNodeBed {
             .collect()
         };
         for ns in [a, b, c] {
-            ip(&["netns", "add", ns])?;
             // No IPv6: keeps router solicitations, DAD and MLD frames off the bridges and taps.
             in_ns(ns, || {
                 for conf in ["all", "default"] {
@@ -496,6 +517,14 @@ impl TwoNodeBed {
     pub fn cleanup_stale(prefix: &str) -> anyhow::Result<Vec<String>> {
         require_root("removing the test bed")?;
         check_prefix(prefix)?;
+        if let Some(pid) = cleanup::live_owner(prefix) {
+            if !Self::existing(prefix).is_empty() {
+                bail!(
+                    "the test bed {prefix}* belongs to running process {pid}, which removes it when \
+                     it ends; stop that process (kill {pid}) instead of removing its bed"
+                );
+            }
+        }
         let mut removed = Vec::new();
         for ns in Self::names(prefix) {
             if netns_exists(&ns) {
@@ -503,6 +532,7 @@ impl TwoNodeBed {
                 removed.push(ns);
             }
         }
+        cleanup::clear_owner(prefix);
         Ok(removed)
     }
 
@@ -525,13 +555,20 @@ impl TwoNodeBed {
         }
         match first_err {
             Some(e) => Err(e.context("cannot remove the test bed completely")),
-            None => Ok(()),
+            None => {
+                cleanup::unregister(&self.prefix);
+                cleanup::clear_owner(&self.prefix);
+                Ok(())
+            }
         }
     }
 
-    /// Leaves the bed in place when this value is dropped (for `ftvm testbed up`).
+    /// Leaves the bed in place when this value is dropped (for `ftvm testbed up`); from then on
+    /// it belongs to nobody, and `cleanup_stale` (`ftvm testbed down`) removes it.
     pub fn keep(mut self) {
         self.keep = true;
+        cleanup::unregister(&self.prefix);
+        cleanup::clear_owner(&self.prefix);
     }
 
     /// The prefix of the namespace names.

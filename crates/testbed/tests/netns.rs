@@ -75,21 +75,27 @@ fn alink_carries_traffic_both_ways() {
     let bed = bed();
     tcp_round_trip(&bed, bed.node_b(), bed.alink_ip_b(), bed.node_a());
     tcp_round_trip(&bed, bed.node_a(), bed.alink_ip_a(), bed.node_b());
-    // The A-link is not reachable from the client.
-    let client = bed
-        .in_ns(bed.client(), || {
-            let addr: SocketAddr =
-                (bed.alink_ip_b().parse::<std::net::IpAddr>().unwrap(), 9).into();
+    // The A-link is not reachable from the client: a listener on node-b's A-link address takes
+    // node-a's connection, while the client has no way to it at all (not even a refusal, which
+    // would mean its SYN reached node-b).
+    let listener = bed
+        .in_ns(bed.node_b(), || TcpListener::bind((bed.alink_ip_b(), 0)))
+        .unwrap()
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connect_from = |ns: &str| {
+        bed.in_ns(ns, || {
             TcpStream::connect_timeout(&addr, Duration::from_millis(300))
         })
-        .unwrap();
-    assert!(client.is_err());
-    if Path::new("/usr/bin/ping").exists() || Path::new("/bin/ping").exists() {
-        bed.run_in(bed.node_a(), "ping", &["-c1", "-W1", bed.alink_ip_b()])
-            .unwrap();
-    } else {
-        eprintln!("ping is not installed: checked the A-link with TCP only");
-    }
+        .unwrap()
+    };
+    assert!(connect_from(bed.node_a()).is_ok(), "node-a reaches node-b");
+    let err = connect_from(bed.client()).expect_err("the client must not reach the A-link");
+    assert_ne!(
+        err.kind(),
+        ErrorKind::ConnectionRefused,
+        "the client's connection reached node-b: {err}"
+    );
 }
 
 #[test]
@@ -504,19 +510,6 @@ fn alink_proxy_truncates_and_reaches_loopback_targets() {
     assert_eq!(proxy.faults_applied(), 2);
 }
 
-/// A RARP request announcing `mac` (broadcast, source `mac`), as a monitor sends after failover.
-fn rarp(mac: [u8; 6]) -> Vec<u8> {
-    let mut f = vec![0xff; 6];
-    f.extend_from_slice(&mac);
-    f.extend_from_slice(&[0x80, 0x35, 0, 1, 0x08, 0x00, 6, 4, 0, 3]);
-    f.extend_from_slice(&mac);
-    f.extend_from_slice(&[0; 4]);
-    f.extend_from_slice(&mac);
-    f.extend_from_slice(&[0; 4]);
-    f.resize(60, 0);
-    f
-}
-
 /// Waits until the client's bridge has `mac` behind `port`; returns how long it took.
 fn wait_fdb(bed: &TwoNodeBed, mac: &str, port: &str, timeout: Duration) -> Option<Duration> {
     let t0 = Instant::now();
@@ -552,7 +545,7 @@ fn rarp_from_node_b_moves_the_guest_mac() {
     let bed = bed();
     let mac_s = bed.guest_mac();
     let mac = netns::parse_mac(mac_s).unwrap();
-    let frame = rarp(mac);
+    let frame = replication::announce::rarp_frame(mac);
 
     // Both monitors hold their taps open (the backup opens its tap when it starts).
     let t_attach = Instant::now();
@@ -646,10 +639,10 @@ fn rarp_from_node_b_moves_the_guest_mac() {
 #[test]
 fn ftvm_runs_inside_a_node_as_a_monitor() {
     let bed = bed();
-    if !testbed::ftvm_bin().exists() {
-        eprintln!("skipping: build ftvm first (cargo build -p cli)");
-        return;
-    }
+    assert!(
+        testbed::ftvm_bin().exists(),
+        "build ftvm first: cargo build --workspace"
+    );
     let scratch = testbed::Scratch::new("netns-mon").unwrap();
     let console = scratch.path("console");
     // `ftvm testbed status` from inside node-a sees the whole bed (and exits 0).
