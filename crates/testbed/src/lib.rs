@@ -2,6 +2,7 @@
 //! tap devices that clean up after themselves, monitor processes with their consoles, and the
 //! two-node network-namespace test bed ([`TwoNodeBed`]).
 
+pub mod bed;
 pub mod capture;
 pub mod cleanup;
 pub mod faults;
