@@ -173,6 +173,7 @@ fn start_with(
         timeout_ms: 100,
         unprotected,
         primary_args: extra.iter().map(|a| a.to_string()).collect(),
+        ..FtSetup::new(job)
     };
     ft::start_pair(bed, &sub, &setup)
 }

@@ -1,6 +1,7 @@
 //! `ftvm`: the fault-tolerant virtualization cluster's command-line tool.
 
 mod bench;
+mod bench_faults;
 mod bench_ft;
 mod bench_storage;
 mod bench_vm;

@@ -32,6 +32,16 @@ pub struct FtSetup {
     pub unprotected: bool,
     /// More options for the primary's `ftvm vm run`.
     pub primary_args: Vec<String>,
+    /// Where the primary connects instead of the backup's A-link address (e.g. an
+    /// [`crate::proxy::AlinkProxy`]).
+    pub peer: Option<SocketAddr>,
+    /// The backup's `--reprotect-to`: after a failover it protects the guest again with a
+    /// backup there.
+    pub reprotect_to: Option<SocketAddr>,
+    /// The primary's `--disk` options.
+    pub primary_disks: Vec<String>,
+    /// The backup's `--disk` options (its copies of the primary's disks).
+    pub backup_disks: Vec<String>,
 }
 
 impl FtSetup {
@@ -44,6 +54,10 @@ impl FtSetup {
             timeout_ms: 2000,
             unprotected: false,
             primary_args: Vec::new(),
+            peer: None,
+            reprotect_to: None,
+            primary_disks: Vec::new(),
+            backup_disks: Vec::new(),
         }
     }
 }
@@ -90,6 +104,12 @@ pub fn start_pair(bed: &TwoNodeBed, dir: &Path, setup: &FtSetup) -> anyhow::Resu
             &sock.display().to_string(),
         ]));
         args.extend(s(&["--ft-timeout-ms", &timeout]));
+        if let Some(r) = setup.reprotect_to {
+            args.extend(s(&["--reprotect-to", &r.to_string()]));
+        }
+        for d in &setup.backup_disks {
+            args.extend(s(&["--disk", d]));
+        }
         let m = bed.spawn_monitor_in(bed.node_b(), &args, &con, Some(&sock))?;
         wait_path(&sock, Duration::from_secs(10))?;
         Some(m)
@@ -112,8 +132,14 @@ pub fn start_pair(bed: &TwoNodeBed, dir: &Path, setup: &FtSetup) -> anyhow::Resu
         "--api-sock",
         &sock.display().to_string(),
     ]));
+    for d in &setup.primary_disks {
+        args.extend(s(&["--disk", d]));
+    }
     if !setup.unprotected {
-        let peer = format!("{}:{ALINK_PORT}", bed.alink_ip_b());
+        let peer = setup
+            .peer
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| format!("{}:{ALINK_PORT}", bed.alink_ip_b()));
         args.extend(s(&["--ft-peer", &peer, "--ft-timeout-ms", &timeout]));
     }
     args.extend(setup.primary_args.iter().cloned());

@@ -2,12 +2,17 @@
 //! tap devices that clean up after themselves, monitor processes with their consoles, and the
 //! two-node network-namespace test bed ([`TwoNodeBed`]).
 
+pub mod bed;
+pub mod capture;
 pub mod cleanup;
+pub mod faults;
 pub mod ft;
 pub mod kv;
 pub mod monitor;
 pub mod netns;
+pub mod proxy;
 pub mod tap;
+pub mod timeline;
 
 use std::path::PathBuf;
 

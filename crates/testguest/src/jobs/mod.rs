@@ -47,12 +47,12 @@ pub fn run(args: &Args) -> ! {
             serial_rx::run()
         }
         "reboot" => {
-            expect_args(name, rest, 0);
+            after_ms(name, rest);
             println!("testguest: rebooting");
             crate::power::reboot()
         }
         "poweroff" => {
-            expect_args(name, rest, 0);
+            after_ms(name, rest);
             println!("testguest: powering off");
             crate::power::off()
         }
@@ -64,6 +64,15 @@ pub fn run(args: &Args) -> ! {
             unsafe { core::arch::asm!("ud2", options(noreturn)) }
         }
         _ => fatal!("unknown job `{}`", name),
+    }
+}
+
+/// `reboot|poweroff [AFTER_MS]`: with a delay, says it runs and waits that long first (so an
+/// FT pair can be protected before the guest powers off or reboots).
+fn after_ms(name: &str, args: &[&'static str]) {
+    if let Some(ms) = expect_at_most(name, args, 1).first() {
+        running(name);
+        crate::clock::Ticker::new(number(name, ms).saturating_mul(1000)).wait();
     }
 }
 
