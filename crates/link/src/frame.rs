@@ -45,7 +45,12 @@ pub struct Direction {
     counter: u64,
     max_payload: usize,
     broken: bool,
+    /// Reused sealing buffer (a fresh multi-MiB buffer per frame costs page faults).
+    scratch: Vec<u8>,
 }
+
+/// Largest sealing buffer kept between frames.
+const KEEP_SCRATCH: usize = 32 << 20;
 
 fn nonce(counter: u64, part: u8) -> Nonce {
     let mut n = [0u8; 12];
@@ -79,6 +84,7 @@ impl Direction {
             counter: 0,
             max_payload: max_payload.min(u32::MAX as usize),
             broken: false,
+            scratch: Vec::new(),
         }
     }
 
@@ -105,8 +111,16 @@ impl Direction {
     }
 
     /// Seals a frame whose payload is the concatenation of `parts`; returns its wire bytes.
-    #[inline(never)]
     pub fn seal(&mut self, kind: u8, parts: &[&[u8]]) -> Result<Vec<u8>, LinkError> {
+        let mut out = Vec::new();
+        self.seal_into(kind, parts, &mut out)?;
+        Ok(out)
+    }
+
+    /// Seals a frame into `out` (cleared first).
+    #[inline(never)]
+    fn seal_into(&mut self, kind: u8, parts: &[&[u8]], out: &mut Vec<u8>) -> Result<(), LinkError> {
+        out.clear();
         let len: usize = parts.iter().map(|p| p.len()).sum();
         if len > self.max_payload {
             return Err(LinkError::TooLarge {
@@ -116,7 +130,7 @@ impl Direction {
         }
         let counter = self.next()?;
         let h = header(kind, len);
-        let mut out = Vec::with_capacity(FRAME_OVERHEAD + len);
+        out.reserve(FRAME_OVERHEAD + len);
         out.extend_from_slice(&h);
         let htag = self
             .aead
@@ -133,7 +147,7 @@ impl Direction {
             .map_err(|_| LinkError::Auth("cannot seal the frame".into()))?;
         out.extend_from_slice(&tag);
         self.counter += 1;
-        Ok(out)
+        Ok(())
     }
 
     /// Seals and writes one frame (then flushes `w`).
@@ -148,10 +162,17 @@ impl Direction {
         kind: u8,
         parts: &[&[u8]],
     ) -> Result<(), LinkError> {
-        let bytes = self.seal(kind, parts)?;
-        w.write_all(&bytes)?;
-        w.flush()?;
-        Ok(())
+        let mut buf = std::mem::take(&mut self.scratch);
+        let sealed = self.seal_into(kind, parts, &mut buf);
+        let written = sealed.and_then(|()| {
+            w.write_all(&buf)?;
+            w.flush()?;
+            Ok(())
+        });
+        if buf.capacity() <= KEEP_SCRATCH {
+            self.scratch = buf;
+        }
+        written
     }
 
     /// Reads, authenticates and decrypts one frame. The header and its length are

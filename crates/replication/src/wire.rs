@@ -155,10 +155,8 @@ impl Channel {
         kind: Kind,
         payload: &[u8],
     ) -> Result<(), WireError> {
-        let bytes = self.encode(kind, payload)?;
-        w.write_all(&bytes)?;
-        w.flush()?;
-        Ok(())
+        let d = self.dir.as_mut().ok_or_else(no_session)?;
+        Ok(d.send(w, kind as u8, payload)?)
     }
 
     /// Reads and verifies one frame.
