@@ -101,7 +101,7 @@ fn scenario_json(outcomes: &[Outcome], errors: &[String]) -> Value {
         "rounds": outcomes.len() + errors.len(),
         "acked_writes": sum(|o| o.acked_writes),
         "acked_writes_lost": sum(|o| o.acked_writes_lost),
-        "two_live_copies": sum(|o| o.two_live_copies + usize::from(o.copies_running_at_end > 1)),
+        "two_live_copies": sum(Outcome::two_copies),
         "resurrections": sum(|o| o.resurrections),
         "failover_ms": faults::summary(&failover),
         "protected_at_end": format!("{}/{}", judged.iter().filter(|p| **p).count(), judged.len()),
@@ -122,7 +122,7 @@ fn print_table(sc: Scenario, outcomes: &[Outcome], errors: &[String]) {
             i,
             o.acked_writes,
             o.acked_writes_lost,
-            o.two_live_copies + usize::from(o.copies_running_at_end > 1),
+            o.two_copies(),
             o.resurrections,
             o.failover_ms
                 .map(|v| format!("{v:.0} ms"))

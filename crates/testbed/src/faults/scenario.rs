@@ -3,6 +3,8 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -81,6 +83,57 @@ fn spawn_backup(
     Ok(m)
 }
 
+/// Polls both nodes' API sockets every 100 ms and counts the samples in which both run the
+/// guest. Stops on drop.
+struct CopySampler {
+    stop: Arc<AtomicBool>,
+    both: Arc<AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CopySampler {
+    fn start(socks: [PathBuf; 2]) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let both = Arc::new(AtomicUsize::new(0));
+        let (st, b) = (stop.clone(), both.clone());
+        let thread = std::thread::Builder::new()
+            .name("copy-sampler".into())
+            .spawn(move || {
+                while !st.load(Ordering::SeqCst) {
+                    let running = socks
+                        .iter()
+                        .filter(|s| status_of(s).is_some_and(|v| runs_guest(&v)))
+                        .count();
+                    if running == 2 {
+                        b.fetch_add(1, Ordering::SeqCst);
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+            .context("cannot start the copy sampler")?;
+        Ok(Self {
+            stop,
+            both,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops sampling; returns the samples with both copies running.
+    fn finish(&mut self) -> usize {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.both.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for CopySampler {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
 /// A scenario in progress: the pair, its instruments and what was seen.
 struct Run<'a> {
     bed: &'a TwoNodeBed,
@@ -88,6 +141,7 @@ struct Run<'a> {
     scenario: Scenario,
     cap: LanCapture,
     _prober: ArpProber,
+    sampler: CopySampler,
     pair: FtPair,
     proxy: Option<AlinkProxy>,
     writer: Option<KvWriter>,
@@ -153,12 +207,14 @@ impl<'a> Run<'a> {
         let mut notes = Vec::new();
         let protect = scenario != Scenario::BackupDiskError;
         let (pair, start_failures) = start_protected(bed, dir, &setup, protect, &mut notes)?;
+        let sampler = CopySampler::start([dir.join("a.sock"), dir.join("b.sock")])?;
         Ok(Self {
             bed,
             dir: dir.to_path_buf(),
             scenario,
             cap,
             _prober: prober,
+            sampler,
             pair,
             proxy,
             writer: None,
@@ -347,6 +403,7 @@ impl<'a> Run<'a> {
             self.ft_state(Port::B)
         );
         self.note(states);
+        let both_running_samples = self.sampler.finish();
         let running = self.running_copies();
         let acked: Vec<Acked> = self.writer.take().map(KvWriter::stop).unwrap_or_default();
         let frames = self.cap.frames();
@@ -404,6 +461,7 @@ impl<'a> Run<'a> {
             acked_writes_lost: lost,
             two_live_copies: two,
             copies_running_at_end: running.len(),
+            both_running_samples,
             resurrections,
             start_failures: self.start_failures,
             failover_ms,
