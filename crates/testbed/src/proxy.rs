@@ -27,32 +27,22 @@ pub enum Fault {
     DropFrameFrom(u64),
 }
 
-/// Length of the A-link frame header.
-pub const FRAME_HEADER_LEN: usize = 28;
-const FRAME_TAG_LEN: usize = 32;
+/// Length of the clear A-link frame header that gives a frame's length.
+pub const FRAME_HEADER_LEN: usize = link::HEADER_LEN;
 
-/// The on-wire length of the A-link frame whose header is `header` (header + payload + tag), or
-/// None if it is not a valid header (bad magic or header checksum).
-///
-/// Today's format (replication::wire, version 1): "FTRP" | version u16 | kind u8 | flags u8 |
-/// seq u64 | len u32 | payload crc32 u32 | header crc32 u32, then the payload and a 32-byte tag.
-/// This is the one place that knows it: swap in `replication::wire::frame_len` once it exists.
+/// The on-wire length of the A-link frame whose first bytes are `header` (header, tags and
+/// payload), or None if it is not a frame header: the link's own [`link::frame_len`].
 pub fn frame_len(header: &[u8]) -> Option<usize> {
-    if header.len() < FRAME_HEADER_LEN || &header[..4] != b"FTRP" {
-        return None;
-    }
-    let crc = u32::from_le_bytes(header[24..28].try_into().ok()?);
-    if crc32fast::hash(&header[..24]) != crc {
-        return None;
-    }
-    let len = u32::from_le_bytes(header[16..20].try_into().ok()?) as usize;
-    Some(FRAME_HEADER_LEN + len + FRAME_TAG_LEN)
+    link::frame_len(header)
 }
 
-/// Follows A-link frame boundaries in one connection's primary→backup stream and drops whole
-/// frames on request. Bytes of a frame header are held back until the header is complete.
+/// Follows A-link frame boundaries in one connection's primary→backup stream (a
+/// [`link::HELLO_LEN`]-byte handshake hello, then frames) and drops whole frames on request.
+/// Bytes of a frame header are held back until the header is complete.
 #[derive(Default)]
 pub struct FrameFilter {
+    /// Hello bytes still to pass before the first frame.
+    hello_left: usize,
     header: Vec<u8>,
     /// Bytes of the current frame after its header still to come.
     body_left: usize,
@@ -69,6 +59,7 @@ impl FrameFilter {
     pub fn new(pos: u64) -> Self {
         Self {
             pos,
+            hello_left: link::HELLO_LEN,
             ..Self::default()
         }
     }
@@ -90,6 +81,14 @@ impl FrameFilter {
                 self.pos += (input.len() - i) as u64;
                 break;
             }
+            if self.hello_left > 0 {
+                let k = self.hello_left.min(input.len() - i);
+                out.extend_from_slice(&input[i..i + k]);
+                self.hello_left -= k;
+                self.pos += k as u64;
+                i += k;
+                continue;
+            }
             if self.body_left > 0 {
                 let k = self.body_left.min(input.len() - i);
                 if !self.dropping {
@@ -104,14 +103,6 @@ impl FrameFilter {
             self.header.extend_from_slice(&input[i..i + k]);
             self.pos += k as u64;
             i += k;
-            let magic = self.header.len().min(4);
-            if self.header[..magic] != b"FTRP"[..magic] {
-                // Not an A-link stream (or damaged): hold nothing back.
-                out.extend_from_slice(&self.header);
-                self.header.clear();
-                self.lost = true;
-                continue;
-            }
             if self.header.len() < FRAME_HEADER_LEN {
                 continue;
             }
@@ -517,36 +508,33 @@ fn write_loop(
 mod tests {
     use super::*;
 
-    /// A valid frame header for a payload of `len` bytes, then the payload and a tag.
-    fn frame(kind: u8, seq: u64, payload: &[u8]) -> Vec<u8> {
-        let mut f = b"FTRP".to_vec();
-        f.extend_from_slice(&1u16.to_le_bytes());
-        f.extend_from_slice(&[kind, 0]);
-        f.extend_from_slice(&seq.to_le_bytes());
+    /// A frame of the link's layout (contents unsealed: the filter only reads the header).
+    fn frame(kind: u8, _seq: u64, payload: &[u8]) -> Vec<u8> {
+        let mut f = b"FTLK".to_vec();
+        f.extend_from_slice(&[link::VERSION, kind, 0, 0]);
         f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        f.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-        let crc = crc32fast::hash(&f);
-        f.extend_from_slice(&crc.to_le_bytes());
+        f.extend_from_slice(&[0; 4]);
+        f.extend_from_slice(&[0xbb; 16]); // header tag
         f.extend_from_slice(payload);
-        f.extend_from_slice(&[0xaa; 32]);
+        f.extend_from_slice(&[0xaa; 16]); // payload tag
         f
     }
 
     #[test]
     fn frame_len_reads_the_header_and_refuses_damaged_ones() {
         let f = frame(5, 7, &[1, 2, 3]);
-        assert_eq!(frame_len(&f[..28]), Some(28 + 3 + 32));
+        assert_eq!(frame_len(&f[..16]), Some(16 + 16 + 3 + 16));
         let mut bad = f.clone();
-        bad[17] ^= 1; // the length field: the header checksum no longer matches
-        assert_eq!(frame_len(&bad[..28]), None);
-        assert_eq!(frame_len(&f[..27]), None);
-        assert_eq!(frame_len(b"XXXX012345678901234567890123"), None);
+        bad[0] ^= 1; // the magic
+        assert_eq!(frame_len(&bad[..16]), None);
+        assert_eq!(frame_len(&f[..15]), None);
     }
 
     /// Feeds `stream` to a filter in chunks of `chunk` bytes, dropping the first frame that
     /// starts at or after `from`.
     fn filtered(stream: &[u8], chunk: usize, from: u64) -> (Vec<u8>, usize) {
         let mut f = FrameFilter::new(0);
+        f.hello_left = 0;
         let mut out = Vec::new();
         let mut armed = true;
         let mut dropped = 0;
