@@ -141,10 +141,9 @@ fn start(
     ));
     std::fs::create_dir_all(&sub)?;
     let setup = FtSetup {
-        job: job.to_string(),
         mem_mib: 256,
-        timeout_ms: 100,
         unprotected,
+        ..FtSetup::new(job)
     };
     ft::start_pair(bed, &sub, &setup)
 }

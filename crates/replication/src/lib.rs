@@ -15,9 +15,12 @@
 pub mod announce;
 pub mod arbiter;
 pub mod backup;
+pub mod gate;
+pub mod link;
 pub mod liveness;
 pub mod pages;
 pub mod primary;
+mod primary_sync;
 pub mod protocol;
 pub mod status;
 pub mod watch;

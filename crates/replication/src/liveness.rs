@@ -78,6 +78,19 @@ pub enum Watch {
 }
 
 impl Watch {
+    /// Caps the peer's silence at `observed`, how long this engine has been running without a
+    /// stall of its own: a frozen process (SIGSTOP, a host hang) heard nothing because it did
+    /// not listen, which proves nothing about its peer.
+    pub fn observed(self, observed: Duration) -> Watch {
+        match self {
+            Watch::On { silent_for, word } => Watch::On {
+                silent_for: silent_for.min(observed),
+                word,
+            },
+            Watch::Off => Watch::Off,
+        }
+    }
+
     /// The peer's word if it was heard within `dead`.
     fn fresh(&self, dead: Duration) -> Option<PeerWord> {
         match *self {
@@ -241,6 +254,41 @@ pub fn primary(v: &PrimaryView) -> PrimaryAction {
         Some(Verdict::Refused(_) | Verdict::Unknown(_)) => HoldAndReconnect {
             ask_release: v.alink.silent_for() >= v.release_after,
         },
+    }
+}
+
+/// Measures how long an engine has observed without a stall of its own; silences are only
+/// believed up to that (see [`Watch::observed`]).
+#[derive(Debug)]
+pub struct Observer {
+    since: std::time::Instant,
+    last: std::time::Instant,
+    max_gap: Duration,
+}
+
+impl Observer {
+    /// Starts observing; a gap longer than `max_gap` between two [`Observer::tick`]s restarts.
+    pub fn new(max_gap: Duration) -> Self {
+        let now = std::time::Instant::now();
+        Self {
+            since: now,
+            last: now,
+            max_gap,
+        }
+    }
+
+    /// Called every loop iteration; returns how long observation has been continuous.
+    pub fn tick(&mut self) -> Duration {
+        let now = std::time::Instant::now();
+        if now - self.last > self.max_gap {
+            tracing::warn!(
+                "this engine stalled for {} ms; peer silences count from now",
+                (now - self.last).as_millis()
+            );
+            self.since = now;
+        }
+        self.last = now;
+        now - self.since
     }
 }
 

@@ -124,6 +124,7 @@ pub struct PeerView {
     /// When this watch path started.
     started: Option<Instant>,
     last_ts: u64,
+    instance: u64,
 }
 
 impl PeerView {
@@ -145,7 +146,10 @@ pub struct WatchPath {
     instance: u64,
     key: [u8; 32],
     dead: Duration,
-    peer: Mutex<SocketAddr>,
+    /// Heartbeats go to every address here; the first is the current peer.
+    peers: Mutex<Vec<SocketAddr>>,
+    /// Instances of former peers, no longer listened to.
+    former: Mutex<Vec<u64>>,
     own: Mutex<Own>,
     view: Mutex<PeerView>,
     hook: Mutex<Option<BeatHook>>,
@@ -195,7 +199,8 @@ impl WatchPath {
             instance: u64::from_le_bytes(inst),
             key: watch_key(secret),
             dead,
-            peer: Mutex::new(peer),
+            peers: Mutex::new(vec![peer]),
+            former: Mutex::new(Vec::new()),
             own: Mutex::new(Own {
                 primary,
                 state: if primary {
@@ -227,10 +232,12 @@ impl WatchPath {
                     }
                     last_ts = now_ns().max(last_ts + 1);
                     let d = encode(&w.key, &w.beat(last_ts));
-                    let peer = *lock(&w.peer);
+                    let peers = lock(&w.peers).clone();
                     drop(w);
                     // A cut path is what the watch is for: keep sending.
-                    let _ = tx.send_to(&d, peer);
+                    for p in peers {
+                        let _ = tx.send_to(&d, p);
+                    }
                     std::thread::sleep(INTERVAL);
                 }
             })?;
@@ -284,6 +291,9 @@ impl WatchPath {
                 return;
             }
         };
+        if lock(&self.former).contains(&beat.instance) {
+            return;
+        }
         {
             let mut v = lock(&self.view);
             let now = now_ns();
@@ -293,6 +303,7 @@ impl WatchPath {
                 return;
             }
             v.last_ts = beat.ts_ns;
+            v.instance = beat.instance;
             v.heard = Some(Instant::now());
             v.word = Some(PeerWord {
                 state: beat.state,
@@ -331,10 +342,15 @@ impl WatchPath {
         *lock(&self.hook) = Some(hook);
     }
 
-    /// Sends heartbeats to another peer from now on (e.g. a new backup after a failover).
+    /// Listens to another peer from now on (e.g. a new backup after a failover). The former
+    /// peer is still told what this node is (so a copy of it that comes back hears that this
+    /// one is live and stops) but no longer listened to.
     pub fn set_peer(&self, peer: SocketAddr) {
-        *lock(&self.peer) = peer;
         let mut v = lock(&self.view);
+        if v.instance != 0 {
+            lock(&self.former).push(v.instance);
+        }
+        lock(&self.peers).insert(0, peer);
         *v = PeerView {
             started: Some(Instant::now()),
             ..PeerView::default()
@@ -343,7 +359,7 @@ impl WatchPath {
 
     /// The peer's watch address.
     pub fn peer(&self) -> SocketAddr {
-        *lock(&self.peer)
+        lock(&self.peers)[0]
     }
 
     /// What was last heard from the peer.

@@ -49,6 +49,10 @@ pub enum Kind {
     Bye = 8,
     /// Primary → backup: a chunk of a disk during the initial sync.
     Disk = 9,
+    /// Primary → backup: the guest ended (power-off or reboot); the backup commits it.
+    End = 10,
+    /// Backup → primary: this node is no backup any more (its standby is poisoned), and why.
+    NoBackup = 11,
 }
 
 impl Kind {
@@ -63,6 +67,8 @@ impl Kind {
             7 => Kind::Heartbeat,
             8 => Kind::Bye,
             9 => Kind::Disk,
+            10 => Kind::End,
+            11 => Kind::NoBackup,
             _ => return None,
         })
     }

@@ -18,6 +18,8 @@ use crate::Monitor;
 pub const ALINK_PORT: u16 = 7400;
 /// Port of the guest's kv (or echo) service.
 pub const KV_PORT: u16 = 7000;
+/// UDP port of the FT watch path on both nodes' management addresses.
+pub const WATCH_PORT: u16 = 7401;
 
 /// How an FT pair is started.
 #[derive(Debug, Clone)]
@@ -30,17 +32,24 @@ pub struct FtSetup {
     pub timeout_ms: u64,
     /// Run without FT (primary only, no backup) for baselines.
     pub unprotected: bool,
+    /// Run the watch path (the two-node arbiter) between the nodes' management addresses.
+    pub watch: bool,
+    /// The primary connects here instead of the backup's A-link address (e.g. an
+    /// [`crate::netns::AlinkProxy`] in node B).
+    pub alink_via: Option<SocketAddr>,
 }
 
 impl FtSetup {
-    /// An FT guest running `job`; a generous 2 s A-link timeout so a busy machine never fails
-    /// over by mistake (SIGKILL of the primary closes the A-link at once anyway).
+    /// An FT guest running `job`, with the default 100 ms dead time and the watch path: a
+    /// slow A-link alone never makes a second live copy.
     pub fn new(job: &str) -> Self {
         Self {
             job: job.to_string(),
             mem_mib: 128,
-            timeout_ms: 2000,
+            timeout_ms: 100,
             unprotected: false,
+            watch: true,
+            alink_via: None,
         }
     }
 }
@@ -87,6 +96,9 @@ pub fn start_pair(bed: &TwoNodeBed, dir: &Path, setup: &FtSetup) -> anyhow::Resu
             &sock.display().to_string(),
         ]));
         args.extend(s(&["--ft-timeout-ms", &timeout]));
+        if setup.watch {
+            args.extend(watch_args(bed.mgmt_ip_a(), bed.mgmt_ip_b()));
+        }
         let m = bed.spawn_monitor_in(bed.node_b(), &args, &con, Some(&sock))?;
         wait_path(&sock, Duration::from_secs(10))?;
         Some(m)
@@ -110,8 +122,14 @@ pub fn start_pair(bed: &TwoNodeBed, dir: &Path, setup: &FtSetup) -> anyhow::Resu
         &sock.display().to_string(),
     ]));
     if !setup.unprotected {
-        let peer = format!("{}:{ALINK_PORT}", bed.alink_ip_b());
+        let peer = setup
+            .alink_via
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| format!("{}:{ALINK_PORT}", bed.alink_ip_b()));
         args.extend(s(&["--ft-peer", &peer, "--ft-timeout-ms", &timeout]));
+        if setup.watch {
+            args.extend(watch_args(bed.mgmt_ip_b(), bed.mgmt_ip_a()));
+        }
     }
     let primary = bed.spawn_monitor_in(bed.node_a(), &args, &con, Some(&sock))?;
     wait_path(&sock, Duration::from_secs(10))?;
@@ -120,6 +138,16 @@ pub fn start_pair(bed: &TwoNodeBed, dir: &Path, setup: &FtSetup) -> anyhow::Resu
         backup,
         dir: dir.to_path_buf(),
     })
+}
+
+/// `--ft-watch PEER --ft-watch-bind OWN` on the watch port.
+fn watch_args(peer_ip: &str, own_ip: &str) -> Vec<String> {
+    s(&[
+        "--ft-watch",
+        &format!("{peer_ip}:{WATCH_PORT}"),
+        "--ft-watch-bind",
+        &format!("{own_ip}:{WATCH_PORT}"),
+    ])
 }
 
 /// Waits for a file to exist.

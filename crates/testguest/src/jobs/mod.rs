@@ -42,12 +42,14 @@ pub fn run(args: &Args) -> ! {
             spin::run(a.first().map_or(0, |r| number(name, r)))
         }
         "reboot" => {
-            expect_args(name, rest, 0);
+            // `reboot [AFTER_MS]`: counts (as `counter`) for AFTER_MS first.
+            count_for(name, rest);
             println!("testguest: rebooting");
             crate::power::reboot()
         }
         "poweroff" => {
-            expect_args(name, rest, 0);
+            // `poweroff [AFTER_MS]`: counts (as `counter`) for AFTER_MS first.
+            count_for(name, rest);
             println!("testguest: powering off");
             crate::power::off()
         }
@@ -59,6 +61,18 @@ pub fn run(args: &Args) -> ! {
             unsafe { core::arch::asm!("ud2", options(noreturn)) }
         }
         _ => fatal!("unknown job `{}`", name),
+    }
+}
+
+/// Prints `counter N` every 10 ms for the optional first argument's milliseconds.
+fn count_for(job: &str, rest: &[&'static str]) {
+    let a = expect_at_most(job, rest, 1);
+    let ms = a.first().map_or(0, |s| number(job, s));
+    running(job);
+    let mut ticker = crate::clock::Ticker::new(10_000);
+    for n in 1..=ms / 10 {
+        println!("counter {}", n);
+        ticker.wait();
     }
 }
 

@@ -1,0 +1,88 @@
+//! One A-link session once the handshake is done: frames are read on their own thread, so an
+//! engine waits for them with a timeout without ever cutting a frame in half.
+
+use std::io::{BufReader, BufWriter};
+use std::net::{Shutdown, TcpStream};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::Duration;
+
+use crate::liveness::SessionId;
+use crate::wire::{Channel, Frame, Kind, WireError};
+
+/// An established, authenticated session.
+pub struct Link {
+    w: BufWriter<TcpStream>,
+    tx: Channel,
+    frames: Receiver<Result<Frame, WireError>>,
+    stream: TcpStream,
+    /// The session id (from the primary's nonce).
+    pub id: SessionId,
+}
+
+/// What waiting for a frame gave.
+pub enum Next {
+    /// A verified frame.
+    Frame(Frame),
+    /// Nothing yet.
+    Nothing,
+    /// The stream cannot be used any more: refused frame or broken connection.
+    Failed(WireError),
+}
+
+impl Link {
+    /// Takes over a handshaken stream and its channels; starts the reader thread.
+    pub fn new(
+        stream: TcpStream,
+        r: BufReader<TcpStream>,
+        w: BufWriter<TcpStream>,
+        tx: Channel,
+        mut rx: Channel,
+        id: SessionId,
+    ) -> std::io::Result<Link> {
+        r.get_ref().set_read_timeout(None)?;
+        let (send, frames) = mpsc::sync_channel(8);
+        std::thread::Builder::new()
+            .name("ft-alink-rx".into())
+            .spawn(move || {
+                let mut r = r;
+                loop {
+                    let f = rx.recv(&mut r);
+                    let failed = f.is_err();
+                    if send.send(f).is_err() || failed {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Link {
+            w,
+            tx,
+            frames,
+            stream,
+            id,
+        })
+    }
+
+    /// Sends a frame.
+    pub fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<(), WireError> {
+        self.tx.send(&mut self.w, kind, payload)
+    }
+
+    /// Waits up to `d` for the next frame.
+    pub fn next(&self, d: Duration) -> Next {
+        match self.frames.recv_timeout(d) {
+            Ok(Ok(f)) => Next::Frame(f),
+            Ok(Err(e)) => Next::Failed(e),
+            Err(RecvTimeoutError::Timeout) => Next::Nothing,
+            Err(RecvTimeoutError::Disconnected) => Next::Failed(WireError::Io(
+                std::io::Error::new(std::io::ErrorKind::BrokenPipe, "A-link reader ended"),
+            )),
+        }
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        // Ends the reader thread too.
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
