@@ -301,6 +301,7 @@ fn accept_session(
         let _ = tx.send(&mut w, Kind::NoBackup, &protocol::encode(&why)?);
         return Err(Error::Protocol(why.reason));
     }
+    status.update(|s| s.sessions += 1);
     status.set_state(FtState::Syncing, format!("syncing session {session:x}"));
     *standby = Some(Standby {
         vm: build_standby(opts, hello)?,
