@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use replication::arbiter::Arbiter;
+use replication::watch::WatchPath;
 use serde_json::{json, Value};
 use vmm::config::{default_mac, parse_mac};
 use vmm::snapshot::{self, SnapshotFile};
@@ -36,7 +38,7 @@ pub enum VmCommand {
     /// Stop a running VM.
     Shutdown(SockArgs),
     /// Stand by as the FT backup of a VM whose primary runs `vm run --ft-peer`.
-    Backup(BackupArgs),
+    Backup(Box<BackupArgs>),
 }
 
 /// FT options of `vm run` (the primary side).
@@ -84,6 +86,9 @@ pub struct WatchArgs {
     pub ft_vm_id: String,
 }
 
+/// A watch path (if configured) and the arbiter deciding from it.
+type WatchAndArbiter = (Option<Arc<WatchPath>>, Arc<dyn Arbiter>);
+
 impl WatchArgs {
     /// Starts the watch path and its arbiter (or none, with a warning).
     fn start(
@@ -91,10 +96,7 @@ impl WatchArgs {
         secret: &[u8],
         primary: bool,
         dead: Duration,
-    ) -> anyhow::Result<(
-        Option<Arc<replication::watch::WatchPath>>,
-        Arc<dyn replication::arbiter::Arbiter>,
-    )> {
+    ) -> anyhow::Result<WatchAndArbiter> {
         let Some(peer) = self.ft_watch else {
             eprintln!(
                 "ftvm: warning: no --ft-watch: there is no arbiter; the backup never takes over \
@@ -227,7 +229,7 @@ pub fn run(cmd: VmCommand) -> anyhow::Result<i32> {
     match cmd {
         VmCommand::Run(args) => run_vm(*args),
         VmCommand::Restore(args) => restore_vm(args),
-        VmCommand::Backup(args) => backup_vm(args),
+        VmCommand::Backup(args) => backup_vm(*args),
         VmCommand::Status(s) => print_answer(api::request(&s.api_sock, "GET", "/status", None)?),
         VmCommand::Pause(s) => print_answer(api::request(&s.api_sock, "POST", "/pause", None)?),
         VmCommand::Resume(s) => print_answer(api::request(&s.api_sock, "POST", "/resume", None)?),

@@ -537,8 +537,7 @@ fn guest_reboot_under_ft_is_protected_again_and_never_resumed_from_before() {
     assert!(counts(&second_boot).len() < 300, "{second_boot}");
     pair.primary.kill9();
     let last_a = *counts(
-        &pair
-            .primary
+        pair.primary
             .console_text()
             .rsplit("testguest: rebooting")
             .next()

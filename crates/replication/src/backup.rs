@@ -311,7 +311,7 @@ fn accept_session(
         output: Vec::new(),
     });
     tx.send(&mut w, Kind::Ready, &[])?;
-    Ok(Link::new(stream, r, w, tx, rx, session).map_err(io)?)
+    Link::new(stream, r, w, tx, rx, session).map_err(io)
 }
 
 /// The session id both sides derive from the primary's nonce.

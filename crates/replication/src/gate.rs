@@ -54,6 +54,8 @@ struct Inner {
     phase: Phase,
     /// Sessions never to be accepted or committed again.
     released: Vec<SessionId>,
+    /// Sessions begun here.
+    seen: Vec<SessionId>,
 }
 
 /// The gate.
@@ -69,6 +71,7 @@ impl Gate {
             inner: Mutex::new(Inner {
                 phase: Phase::Empty { last: 0 },
                 released: Vec::new(),
+                seen: Vec::new(),
             }),
             watch,
         };
@@ -115,6 +118,7 @@ impl Gate {
             return false;
         }
         i.phase = Phase::Syncing { session };
+        i.seen.push(session);
         self.announce(&i);
         true
     }
@@ -147,16 +151,27 @@ impl Gate {
         }
     }
 
-    /// The primary asks (watch path) for `session` to be released. Whatever standby is not
-    /// live is released with it: the primary has moved on to `session` or ended it.
+    /// The primary asks (watch path) for `session` to be released. A request for an older
+    /// session than the one held is stale and ignored; one for a session never seen here
+    /// means the primary moved on, so whatever standby is not live is released with it.
     pub fn release(&self, session: SessionId) {
         let mut i = self.lock();
         if matches!(i.phase, Phase::Live { .. } | Phase::Ended) {
             return;
         }
+        let current = match i.phase {
+            Phase::Syncing { session } | Phase::Standby { session, .. } => Some(session),
+            _ => None,
+        };
+        if current.is_some_and(|c| c != session) && i.seen.contains(&session) {
+            return;
+        }
         if !i.released.contains(&session) {
             tracing::warn!("the primary asked to release session {session:x}");
             i.released.push(session);
+        }
+        if let Some(c) = current.filter(|&c| c != session) {
+            i.released.push(c);
         }
         i.phase = Phase::Released { session };
         self.announce(&i);
@@ -218,6 +233,29 @@ mod tests {
         assert!(g.go_live(8));
         g.release(8);
         assert_eq!(g.phase(), Phase::Live { session: 8 });
+    }
+
+    #[test]
+    fn a_stale_release_request_does_not_touch_a_newer_session() {
+        let g = Gate::new(None);
+        assert!(g.begin(1));
+        assert!(g.commit(1, 1, || Ok(())).unwrap());
+        g.discard(1);
+        assert!(g.begin(2));
+        assert!(g.commit(2, 1, || Ok(())).unwrap());
+        g.release(1);
+        assert_eq!(
+            g.phase(),
+            Phase::Standby {
+                session: 2,
+                epoch: 1
+            }
+        );
+        // A session never seen here: the primary moved on past ours.
+        g.release(3);
+        assert_eq!(g.phase(), Phase::Released { session: 3 });
+        assert!(!g.go_live(2));
+        assert!(!g.begin(2) && !g.begin(3));
     }
 
     #[test]

@@ -60,6 +60,7 @@ impl Primary {
         // From the Hello on, the backup may come to hold a standby of this session.
         self.last_session = session;
         if let Some(wp) = &self.opts.watch {
+            wp.ask_release(0);
             wp.set_own(true, crate::liveness::PeerState::PrimaryLive, session, 0);
         }
         let hello = Hello {
