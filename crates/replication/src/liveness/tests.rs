@@ -2,6 +2,25 @@
 
 use super::*;
 
+/// name, A-link, watch path, standby session, verdict, expected action.
+type BackupRow = (
+    &'static str,
+    ALink,
+    Watch,
+    Option<SessionId>,
+    Option<Verdict>,
+    BackupAction,
+);
+/// name, A-link, watch path, last session, verdict, expected action.
+type PrimaryRow = (
+    &'static str,
+    ALink,
+    Watch,
+    SessionId,
+    Option<Verdict>,
+    PrimaryAction,
+);
+
 const DEAD: Duration = Duration::from_millis(100);
 
 fn ms(n: u64) -> Duration {
@@ -32,7 +51,7 @@ fn backup_table() {
     use PeerState::*;
     let granted = Some(Verdict::Granted);
     #[rustfmt::skip]
-    let rows: Vec<(&str, ALink, Watch, Option<SessionId>, Option<Verdict>, BackupAction)> = vec![
+    let rows: Vec<BackupRow> = vec![
         ("protected, all fine", ALink::Ok, heard(5, PrimaryLive, 7), Some(7), None, KeepGoing),
         ("slow primary, watch alive: not a death", ALink::Silent(ms(500)), heard(5, PrimaryLive, 7), Some(7), None, KeepGoing),
         ("refused frame / broken link, watch alive", ALink::Down(ms(500)), heard(5, PrimaryLive, 7), Some(7), None, WaitReconnect),
@@ -74,7 +93,7 @@ fn primary_table() {
     let hold = HoldAndReconnect { ask_release: false };
     let ask = HoldAndReconnect { ask_release: true };
     #[rustfmt::skip]
-    let rows: Vec<(&str, ALink, Watch, SessionId, Option<Verdict>, PrimaryAction)> = vec![
+    let rows: Vec<PrimaryRow> = vec![
         ("protected", ALink::Ok, heard(5, BackupStandby, 7), 7, None, KeepGoing),
         ("slow ack, backup alive", ALink::Silent(ms(300)), heard(5, BackupStandby, 7), 7, None, hold.clone()),
         ("link down briefly", ALink::Down(ms(300)), heard(5, BackupStandby, 7), 7, None, hold.clone()),
