@@ -736,3 +736,91 @@ fn the_surviving_node_protects_the_guest_again_with_a_new_backup() {
     );
     assert!(c_seq.windows(2).all(|w| w[1] == w[0] + 1), "gap: {c_seq:?}");
 }
+
+/// A small tmpfs, unmounted on drop.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(path: std::path::PathBuf, size: &str) -> SmallFs {
+        std::fs::create_dir_all(&path).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "cannot mount a tmpfs on {}", path.display());
+        SmallFs(path)
+    }
+
+    /// Fills the file system to the last byte.
+    fn fill(&self) {
+        let mut f = std::fs::File::create(self.0.join("filler")).unwrap();
+        let block = vec![0x55u8; 4096];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_checkpoint_the_backup_cannot_apply_poisons_its_standby_and_is_never_resumed() {
+    testbed::require_vms();
+    let dir = Scratch::new("ft-poison").unwrap();
+    let small = SmallFs::mount(dir.path("small"), "4m");
+    let (disk_a, disk_b) = (dir.path("a.img"), small.0.join("b.img"));
+    std::fs::write(&disk_a, vec![0u8; 2 << 20]).unwrap();
+    std::fs::write(&disk_b, vec![0u8; 2 << 20]).unwrap();
+    let mut pair = start_pair(
+        &dir,
+        "-- blk-pattern 2048 50",
+        Opts {
+            primary_extra: s(&["--disk", &disk_a.display().to_string()]),
+            backup_extra: s(&["--disk", &disk_b.display().to_string()]),
+        },
+    );
+    wait_ft_state(&pair.primary, "protected", Duration::from_secs(20)).unwrap();
+    pair.primary
+        .wait_for("blk-pattern rewrite 5\n", Duration::from_secs(20))
+        .unwrap();
+    // The backup's volume loses its blocks and its file system is full: the next checkpoint's
+    // disk writes fail half-way through applying it (pages already in place).
+    let ok = std::process::Command::new("fallocate")
+        .args(["--punch-hole", "--offset", "0", "--length", "2MiB"])
+        .arg(&disk_b)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "fallocate --punch-hole failed");
+    small.fill();
+    wait_ft(
+        &pair.backup,
+        "poisoned standby",
+        Duration::from_secs(10),
+        |f| f["poisoned"].as_u64() >= Some(1),
+    );
+    // The primary heard "I am no backup" (released) and runs on, degraded, by the arbiter's yes.
+    wait_ft_state(&pair.primary, "degraded", Duration::from_secs(10)).unwrap();
+    let st = pair.primary.api("GET", "/status", None).unwrap();
+    assert_eq!(st["state"], "running", "{st}");
+    // The poisoned standby is never resumed, not even when the primary is lost.
+    pair.primary.kill9();
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(2) {
+        let b = ft(&pair.backup);
+        assert_ne!(
+            b["state"], "failed-over",
+            "a poisoned standby went live: {b}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!pair.backup.console_text().contains("blk-pattern"));
+}

@@ -103,7 +103,9 @@ impl Arbiter for TwoNodeArbiter {
         let silent = view.silent_for();
         match c.kind {
             ClaimKind::TakeOver => {
-                if silent >= self.dead {
+                if self.watch.unread() {
+                    Verdict::Unknown("watch datagrams wait unread".into())
+                } else if silent >= self.dead {
                     Verdict::Granted
                 } else {
                     Verdict::Refused(format!(
@@ -111,6 +113,9 @@ impl Arbiter for TwoNodeArbiter {
                         silent.as_millis()
                     ))
                 }
+            }
+            ClaimKind::Degrade if self.watch.unread() => {
+                Verdict::Unknown("watch datagrams wait unread".into())
             }
             ClaimKind::Degrade => {
                 let word = view.word.filter(|_| silent < self.peer_dead());

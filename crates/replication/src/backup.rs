@@ -175,7 +175,7 @@ pub fn run_backup(opts: &BackupOptions, status: Arc<FtStatus>) -> Result<BackupO
         }
         let silent = last_heard.elapsed().min(observed);
         let alink = match &link {
-            Some(_) if silent < opts.timeout => ALink::Ok,
+            Some(l) if silent < opts.timeout || l.unread() => ALink::Ok,
             Some(_) => ALink::Silent(silent),
             None => ALink::Down(silent),
         };
@@ -370,6 +370,7 @@ fn handle(
                         })?,
                     );
                     *standby = None;
+                    status.update(|s| s.poisoned += 1);
                     status.set_state(FtState::Syncing, format!("standby poisoned: {reason}"));
                     return Ok(Flow::DropStream(reason));
                 }

@@ -80,6 +80,26 @@ impl Link {
     }
 }
 
+impl Link {
+    /// Bytes received on the A-link but not read yet (the reader thread is behind): the
+    /// A-link is not silent, whatever the clock says.
+    pub fn unread(&self) -> bool {
+        pending_bytes(&self.stream) > 0
+    }
+}
+
+/// Bytes queued for reading on a socket (FIONREAD).
+pub fn pending_bytes(s: &impl std::os::fd::AsRawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer, which is valid for the call.
+    let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if r < 0 {
+        0
+    } else {
+        n.max(0) as usize
+    }
+}
+
 impl Drop for Link {
     fn drop(&mut self) {
         // Ends the reader thread too.

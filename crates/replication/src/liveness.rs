@@ -281,7 +281,7 @@ impl Observer {
     pub fn tick(&mut self) -> Duration {
         let now = std::time::Instant::now();
         if now - self.last > self.max_gap {
-            tracing::warn!(
+            tracing::debug!(
                 "this engine stalled for {} ms; peer silences count from now",
                 (now - self.last).as_millis()
             );

@@ -84,6 +84,8 @@ pub struct FtSnapshot {
     pub split_brain_exposure: Option<String>,
     /// Sessions started (primary) or accepted (backup).
     pub sessions: u64,
+    /// Backup: standbys poisoned because a checkpoint could not be applied.
+    pub poisoned: u64,
 }
 
 impl FtSnapshot {
@@ -137,6 +139,7 @@ impl FtStatus {
             arbiter: String::new(),
             split_brain_exposure: None,
             sessions: 0,
+            poisoned: 0,
         }))
     }
 

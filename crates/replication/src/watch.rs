@@ -154,6 +154,8 @@ pub struct WatchPath {
     view: Mutex<PeerView>,
     hook: Mutex<Option<BeatHook>>,
     stop: AtomicBool,
+    /// The socket (for the unread-datagram check).
+    sock: UdpSocket,
 }
 
 /// JSON view of the watch path for the FT status.
@@ -218,6 +220,7 @@ impl WatchPath {
             }),
             hook: Mutex::new(None),
             stop: AtomicBool::new(false),
+            sock: sock.try_clone()?,
         });
         let tx = sock.try_clone()?;
         let weak = Arc::downgrade(&w);
@@ -365,6 +368,12 @@ impl WatchPath {
     /// What was last heard from the peer.
     pub fn view(&self) -> PeerView {
         *lock(&self.view)
+    }
+
+    /// Whether datagrams wait unread (the receiver thread is behind): the view is stale and
+    /// nothing may be concluded from the peer's silence now.
+    pub fn unread(&self) -> bool {
+        crate::link::pending_bytes(&self.sock) > 0
     }
 
     /// The peer's dead time, once heard.

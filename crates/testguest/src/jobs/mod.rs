@@ -25,8 +25,11 @@ pub fn run(args: &Args) -> ! {
             dirty::run(number(name, a[0]), number(name, a[1]))
         }
         "blk-pattern" => {
-            let a = expect_at_most(name, rest, 1);
-            blk::run(a.first().map_or(2048, |s| number(name, s)))
+            let a = expect_at_most(name, rest, 2);
+            blk::run(
+                a.first().map_or(2048, |s| number(name, s)),
+                a.get(1).map_or(0, |s| number(name, s)),
+            )
         }
         "tcp-echo" => echo::run(args, port(name, expect_args(name, rest, 1)[0])),
         "kv" => {
