@@ -253,11 +253,13 @@ impl Primary {
             }));
             action = liveness::primary(&view);
         }
-        let release = match action {
-            PrimaryAction::HoldAndReconnect { ask_release: true } => self.last_session,
-            _ => 0,
-        };
-        watch.ask_release(release);
+        if !self.degraded {
+            let release = match action {
+                PrimaryAction::HoldAndReconnect { ask_release: true } => self.last_session,
+                _ => 0,
+            };
+            watch.ask_release(release);
+        }
         if action == PrimaryAction::Degrade && self.degraded {
             return PrimaryAction::KeepGoing;
         }
@@ -545,6 +547,14 @@ impl Primary {
         tracing::warn!("FT degraded: {why}");
         self.status.set_state(FtState::Degraded, why.to_string());
         self.release_all();
+        // Output beyond the backup's standby is out: that standby must never be resumed. Say
+        // so on the watch path (no session held any more, and please release the old one),
+        // for a backup that was only slow and wakes up later.
+        let old = std::mem::replace(&mut self.last_session, 0);
+        self.announce();
+        if let Some(w) = &self.opts.watch {
+            w.ask_release(old);
+        }
     }
 
     fn release_all(&mut self) {
