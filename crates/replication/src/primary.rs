@@ -166,6 +166,11 @@ impl Primary {
             }
             tracing::warn!("FT session lost: {why}; output stays held while reconnecting");
             self.keep_in_flight();
+            // The next session copies the disks in full: what the logs hold now is covered by
+            // that copy, and they must not grow without bound meanwhile.
+            for l in self.vm.disk_logs() {
+                l.disable();
+            }
             self.status.set_state(
                 if self.degraded {
                     FtState::Degraded
