@@ -149,3 +149,89 @@ impl Arbiter for TwoNodeArbiter {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{SocketAddr, UdpSocket};
+
+    fn port() -> SocketAddr {
+        UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    }
+
+    fn claim(kind: ClaimKind, session: SessionId) -> Claim {
+        Claim {
+            vm: "vm".into(),
+            kind,
+            epoch: 1,
+            session,
+        }
+    }
+
+    fn wait(f: impl Fn() -> bool) {
+        let t0 = std::time::Instant::now();
+        while !f() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "condition not reached"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn two_node_arbiter_over_two_real_watch_paths() {
+        let dead = Duration::from_millis(100);
+        let (pa, pb) = (port(), port());
+        let secret = b"a cluster secret!";
+        let a = WatchPath::start("vm", pa, pb, secret, true, dead).unwrap();
+        let b = WatchPath::start("vm", pb, pa, secret, false, dead).unwrap();
+        a.set_own(true, PeerState::PrimaryLive, 7, 3);
+        b.set_own(false, PeerState::BackupStandby, 7, 3);
+        let on_a = TwoNodeArbiter::new(a.clone(), dead);
+        let on_b = TwoNodeArbiter::new(b.clone(), dead);
+        wait(|| b.view().word.is_some() && a.view().word.is_some());
+        // Both alive: neither may go live nor degrade.
+        assert!(matches!(
+            on_b.claim(&claim(ClaimKind::TakeOver, 7)),
+            Verdict::Refused(_)
+        ));
+        assert!(matches!(
+            on_a.claim(&claim(ClaimKind::Degrade, 7)),
+            Verdict::Refused(_)
+        ));
+        // The backup's word "released" for the session is a yes; for another session it is not.
+        b.set_own(false, PeerState::Released, 7, 3);
+        wait(|| a.view().word.map(|w| w.state) == Some(PeerState::Released));
+        assert_eq!(on_a.claim(&claim(ClaimKind::Degrade, 7)), Verdict::Granted);
+        assert!(matches!(
+            on_a.claim(&claim(ClaimKind::Degrade, 8)),
+            Verdict::Refused(_)
+        ));
+        // The primary goes silent (its watch path ends): the takeover is granted after the
+        // dead time, not before.
+        b.set_own(false, PeerState::BackupStandby, 7, 3);
+        drop(on_a);
+        drop(a);
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(matches!(
+            on_b.claim(&claim(ClaimKind::TakeOver, 7)),
+            Verdict::Refused(_)
+        ));
+        wait(|| on_b.claim(&claim(ClaimKind::TakeOver, 7)) == Verdict::Granted);
+        assert!(b.view().silent_for() >= dead);
+    }
+
+    #[test]
+    fn no_arbiter_refuses_everything() {
+        for kind in [ClaimKind::TakeOver, ClaimKind::Degrade] {
+            assert!(matches!(
+                NoArbiter.claim(&claim(kind, 1)),
+                Verdict::Refused(_)
+            ));
+        }
+    }
+}

@@ -224,9 +224,6 @@ impl Primary {
     /// Asks [`liveness::primary`] (and the arbiter when it says so) what to do now.
     fn decide(&mut self, alink: ALink, observed: Duration) -> PrimaryAction {
         let Some(watch) = &self.opts.watch else {
-            if alink != ALink::Ok && self.last_session == 0 && !self.degraded {
-                return PrimaryAction::Degrade;
-            }
             return liveness::primary(&PrimaryView {
                 alink,
                 watch: liveness::Watch::Off,
