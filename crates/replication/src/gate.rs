@@ -136,7 +136,14 @@ impl Gate {
         if !i.phase.holds(session) {
             return Ok(false);
         }
-        match apply() {
+        if let Some(w) = &self.watch {
+            w.set_applying(epoch);
+        }
+        let applied = apply();
+        if let Some(w) = &self.watch {
+            w.set_applying(0);
+        }
+        match applied {
             Ok(()) => {
                 i.phase = Phase::Standby { session, epoch };
                 self.announce(&i);

@@ -475,7 +475,7 @@ impl Primary {
             };
             match self.decide(alink, observed) {
                 PrimaryAction::Stop => return Ok(Err(self.fence())),
-                _ if silent >= self.opts.release_after => {
+                _ if silent >= self.opts.release_after && !self.backup_applying(epoch) => {
                     return Err(Error::Protocol(format!(
                         "no ack for checkpoint {epoch} in {} ms",
                         silent.as_millis()
@@ -484,6 +484,15 @@ impl Primary {
                 _ => {}
             }
         }
+    }
+
+    /// Whether the backup says (fresh, on the watch path) that it is applying `epoch`: the
+    /// checkpoint arrived and the backup is slow, so the session is worth waiting for.
+    fn backup_applying(&self, epoch: u64) -> bool {
+        self.opts.watch.as_ref().is_some_and(|w| {
+            let v = w.view();
+            v.applying == epoch && v.silent_for() < self.opts.timeout
+        })
     }
 
     /// Sleeps until the next checkpoint is `due`, or sooner (but not before the minimum interval

@@ -21,6 +21,8 @@ const PRECOPY_DONE_PAGES: usize = 4096;
 const PRECOPY_ROUNDS: usize = 8;
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
+/// A send blocked this long means the A-link is stuck.
+const SEND_STUCK: Duration = Duration::from_secs(10);
 /// How long the backup may take to build its standby VM.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -35,10 +37,9 @@ impl Primary {
             ))
         })?;
         stream.set_nodelay(true).map_err(io)?;
-        // A stuck backup must not block this engine forever in a send.
-        stream
-            .set_write_timeout(Some(self.opts.release_after.max(Duration::from_secs(1))))
-            .map_err(io)?;
+        // A stuck A-link must not block this engine forever in a send (a guard, not a death
+        // detector: a backup applying slowly under load drains far sooner).
+        stream.set_write_timeout(Some(SEND_STUCK)).map_err(io)?;
         stream
             .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
             .map_err(io)?;

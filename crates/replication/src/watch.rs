@@ -48,6 +48,9 @@ pub struct Beat {
     pub epoch: u64,
     /// Primary only: please release your standby of this session (0: no request).
     pub release: SessionId,
+    /// Backup only: the epoch it is applying right now (0: none), so a primary waiting for
+    /// the ack knows the A-link works and the backup is slow, not gone.
+    pub applying: u64,
     /// The sender's dead time, ms.
     pub dead_ms: u32,
     /// Sender clock, ns since the epoch, strictly growing.
@@ -104,6 +107,7 @@ struct Own {
     session: SessionId,
     epoch: u64,
     release: SessionId,
+    applying: u64,
 }
 
 /// What was last heard from the peer.
@@ -119,6 +123,8 @@ pub struct PeerView {
     pub dead: Option<Duration>,
     /// The peer's epoch.
     pub epoch: u64,
+    /// The epoch the peer (a backup) is applying, 0 for none.
+    pub applying: u64,
     /// Datagrams refused (authentication, replay, foreign VM).
     pub refused: u64,
     /// When this watch path started.
@@ -213,6 +219,7 @@ impl WatchPath {
                 session: 0,
                 epoch: 0,
                 release: 0,
+                applying: 0,
             }),
             view: Mutex::new(PeerView {
                 started: Some(Instant::now()),
@@ -274,6 +281,7 @@ impl WatchPath {
             session: o.session,
             epoch: o.epoch,
             release: o.release,
+            applying: o.applying,
             dead_ms: self.dead.as_millis().min(u32::MAX as u128) as u32,
             ts_ns,
         }
@@ -314,6 +322,7 @@ impl WatchPath {
             });
             v.release = beat.release;
             v.epoch = beat.epoch;
+            v.applying = beat.applying;
             v.dead = Some(Duration::from_millis(beat.dead_ms as u64));
         }
         if let Some(h) = lock(&self.hook).as_ref() {
@@ -328,6 +337,11 @@ impl WatchPath {
         o.state = state;
         o.session = session;
         o.epoch = epoch;
+    }
+
+    /// Says which epoch this backup is applying (0: none).
+    pub fn set_applying(&self, epoch: u64) {
+        lock(&self.own).applying = epoch;
     }
 
     /// Asks the backup (primary only) to release its standby of `session` (0: stop asking).
@@ -434,6 +448,7 @@ mod tests {
             session: 3,
             epoch: 9,
             release: 0,
+            applying: 0,
             dead_ms: 100,
             ts_ns: ts,
         }
