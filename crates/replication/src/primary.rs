@@ -491,7 +491,7 @@ impl Primary {
     fn backup_applying(&self, epoch: u64) -> bool {
         self.opts.watch.as_ref().is_some_and(|w| {
             let v = w.view();
-            v.applying == epoch && v.silent_for() < self.opts.timeout
+            v.applying == epoch && v.silent_for() < self.opts.release_after
         })
     }
 
