@@ -311,7 +311,8 @@ fn accept_session(
         output: Vec::new(),
     });
     tx.send(&mut w, Kind::Ready, &[])?;
-    Link::new(stream, r, w, tx, rx, session).map_err(io)
+    let progress = opts.watch.as_ref().map(|w| w.progress_counter());
+    Link::new(stream, r, w, tx, rx, session, progress).map_err(io)
 }
 
 /// The session id both sides derive from the primary's nonce.
@@ -342,8 +343,11 @@ fn handle(
         Kind::Checkpoint => {
             // Everything is verified before the gate is taken; applying happens under it, and
             // a failure half-way poisons the standby (never resumed) and tells the primary.
-            let cp: Checkpoint = protocol::decode(&frame.payload)?;
-            verify(sb, &cp)?;
+            gate.busy(true);
+            let checked = protocol::decode::<Checkpoint>(&frame.payload)
+                .and_then(|cp| verify(sb, &cp).map(|()| cp));
+            gate.busy(false);
+            let cp = checked?;
             let session = sb.session;
             let applied = gate.commit(session, cp.epoch, || apply(sb, cp));
             match applied {

@@ -106,6 +106,14 @@ impl Gate {
         w.set_own(false, state, session, epoch);
     }
 
+    /// Says on the watch path that a checkpoint is being decoded and verified (before
+    /// [`Gate::commit`] names its epoch), or that it is done.
+    pub fn busy(&self, on: bool) {
+        if let Some(w) = &self.watch {
+            w.set_applying(if on { u64::MAX } else { 0 });
+        }
+    }
+
     /// The current phase.
     pub fn phase(&self) -> Phase {
         self.lock().phase

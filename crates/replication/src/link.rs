@@ -1,9 +1,11 @@
 //! One A-link session once the handshake is done: frames are read on their own thread, so an
 //! engine waits for them with a timeout without ever cutting a frame in half.
 
-use std::io::{BufReader, BufWriter};
+use std::io::{BufReader, BufWriter, Read};
 use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::liveness::SessionId;
@@ -30,7 +32,8 @@ pub enum Next {
 }
 
 impl Link {
-    /// Takes over a handshaken stream and its channels; starts the reader thread.
+    /// Takes over a handshaken stream and its channels; starts the reader thread, which adds
+    /// the bytes it receives to `progress` (if given).
     pub fn new(
         stream: TcpStream,
         r: BufReader<TcpStream>,
@@ -38,13 +41,14 @@ impl Link {
         tx: Channel,
         mut rx: Channel,
         id: SessionId,
+        progress: Option<Arc<AtomicU64>>,
     ) -> std::io::Result<Link> {
         r.get_ref().set_read_timeout(None)?;
         let (send, frames) = mpsc::sync_channel(8);
         std::thread::Builder::new()
             .name("ft-alink-rx".into())
             .spawn(move || {
-                let mut r = r;
+                let mut r = Counting { r, progress };
                 loop {
                     let f = rx.recv(&mut r);
                     let failed = f.is_err();
@@ -77,6 +81,22 @@ impl Link {
                 std::io::Error::new(std::io::ErrorKind::BrokenPipe, "A-link reader ended"),
             )),
         }
+    }
+}
+
+/// A reader that counts what it reads.
+struct Counting<R> {
+    r: R,
+    progress: Option<Arc<AtomicU64>>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.r.read(buf)?;
+        if let Some(p) = &self.progress {
+            p.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Ok(n)
     }
 }
 

@@ -486,12 +486,16 @@ impl Primary {
         }
     }
 
-    /// Whether the backup says (fresh, on the watch path) that it is applying `epoch`: the
-    /// checkpoint arrived and the backup is slow, so the session is worth waiting for.
+    /// Whether the backup says (fresh, on the watch path) that it is applying `epoch`, or that
+    /// it received A-link bytes lately: the A-link works and the backup is slow, so the
+    /// session is worth waiting for (a slow ack is no death).
     fn backup_applying(&self, epoch: u64) -> bool {
         self.opts.watch.as_ref().is_some_and(|w| {
             let v = w.view();
-            v.applying == epoch && v.silent_for() < self.opts.release_after
+            let recent =
+                |t: Option<Instant>| t.is_some_and(|t| t.elapsed() < self.opts.release_after);
+            recent(v.heard)
+                && (v.applying == epoch || v.applying == u64::MAX || recent(v.progressed))
         })
     }
 

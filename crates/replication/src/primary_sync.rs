@@ -76,7 +76,7 @@ impl Primary {
                 ready.kind
             )));
         }
-        Link::new(stream, r, w, tx, rx, session).map_err(io)
+        Link::new(stream, r, w, tx, rx, session, None).map_err(io)
     }
 
     /// Copies every disk while the guest runs; its writes meanwhile are in the disk logs (enabled

@@ -51,6 +51,8 @@ pub struct Beat {
     /// Backup only: the epoch it is applying right now (0: none), so a primary waiting for
     /// the ack knows the A-link works and the backup is slow, not gone.
     pub applying: u64,
+    /// Backup only: bytes received on the A-link so far (progress shows the link works).
+    pub progress: u64,
     /// The sender's dead time, ms.
     pub dead_ms: u32,
     /// Sender clock, ns since the epoch, strictly growing.
@@ -125,6 +127,10 @@ pub struct PeerView {
     pub epoch: u64,
     /// The epoch the peer (a backup) is applying, 0 for none.
     pub applying: u64,
+    /// The peer's A-link receive progress, and when it last moved.
+    pub progress: u64,
+    /// When `progress` last changed.
+    pub progressed: Option<Instant>,
     /// Datagrams refused (authentication, replay, foreign VM).
     pub refused: u64,
     /// When this watch path started.
@@ -162,6 +168,8 @@ pub struct WatchPath {
     stop: AtomicBool,
     /// The socket (for the unread-datagram check).
     sock: UdpSocket,
+    /// Bytes received on the A-link (backup), announced in every beat.
+    progress: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// JSON view of the watch path for the FT status.
@@ -228,6 +236,7 @@ impl WatchPath {
             hook: Mutex::new(None),
             stop: AtomicBool::new(false),
             sock: sock.try_clone()?,
+            progress: Arc::default(),
         });
         let tx = sock.try_clone()?;
         let weak = Arc::downgrade(&w);
@@ -282,6 +291,7 @@ impl WatchPath {
             epoch: o.epoch,
             release: o.release,
             applying: o.applying,
+            progress: self.progress.load(Ordering::Relaxed),
             dead_ms: self.dead.as_millis().min(u32::MAX as u128) as u32,
             ts_ns,
         }
@@ -323,6 +333,10 @@ impl WatchPath {
             v.release = beat.release;
             v.epoch = beat.epoch;
             v.applying = beat.applying;
+            if beat.progress != v.progress {
+                v.progress = beat.progress;
+                v.progressed = Some(Instant::now());
+            }
             v.dead = Some(Duration::from_millis(beat.dead_ms as u64));
         }
         if let Some(h) = lock(&self.hook).as_ref() {
@@ -337,6 +351,11 @@ impl WatchPath {
         o.state = state;
         o.session = session;
         o.epoch = epoch;
+    }
+
+    /// The counter of A-link bytes received that every beat announces (backup).
+    pub fn progress_counter(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.progress.clone()
     }
 
     /// Says which epoch this backup is applying (0: none).
@@ -449,6 +468,7 @@ mod tests {
             epoch: 9,
             release: 0,
             applying: 0,
+            progress: 0,
             dead_ms: 100,
             ts_ns: ts,
         }
