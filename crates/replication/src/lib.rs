@@ -20,6 +20,7 @@ pub mod link;
 pub mod liveness;
 pub mod pages;
 pub mod primary;
+mod primary_end;
 mod primary_sync;
 pub mod protocol;
 pub mod status;

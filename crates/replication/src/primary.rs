@@ -10,13 +10,13 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vmm::{ExitReason, Vm};
+use vmm::Vm;
 
 use crate::arbiter::{Arbiter, Claim};
 use crate::link::{Link, Next};
 use crate::liveness::{self, ALink, Observer, PeerState, PrimaryAction, PrimaryView, SessionId};
 use crate::pages::Staging;
-use crate::protocol::{self, Ack, Checkpoint, End, EndReason, NoBackup};
+use crate::protocol::{self, Ack, Checkpoint, NoBackup};
 use crate::status::{FtState, FtStatus, PausePhases};
 use crate::watch::WatchPath;
 use crate::wire::Kind;
@@ -182,7 +182,7 @@ impl Primary {
         }
     }
 
-    fn announce(&self) {
+    pub(crate) fn announce(&self) {
         if let Some(w) = &self.opts.watch {
             w.set_own(true, PeerState::PrimaryLive, self.last_session, 0);
         }
@@ -572,7 +572,7 @@ impl Primary {
         }
     }
 
-    fn release_all(&mut self) {
+    pub(crate) fn release_all(&mut self) {
         self.keep_in_flight();
         for (o, frames) in self
             .vm
@@ -604,72 +604,6 @@ impl Primary {
             "the peer is live: this copy stopped (it never released unacknowledged output)",
         );
         Stop::Fenced
-    }
-
-    /// The guest ended during a session: tell the backup (an acknowledged End), then Bye.
-    fn end_in_session(&mut self, link: &mut Link, epoch: u64, reason: ExitReason) -> Stop {
-        let end = End {
-            reason: end_reason(&reason),
-            epoch,
-        };
-        let acked = protocol::encode(&end)
-            .ok()
-            .and_then(|p| link.send(Kind::End, &p).ok())
-            .is_some()
-            && {
-                let t0 = Instant::now();
-                loop {
-                    match link.next(Duration::from_millis(20)) {
-                        Next::Frame(f) if f.kind == Kind::Ack => break true,
-                        Next::Failed(_) => break false,
-                        _ if t0.elapsed() > Duration::from_secs(3) => break false,
-                        _ => {}
-                    }
-                }
-            };
-        if acked {
-            let _ = link.send(Kind::Bye, &[]);
-            // The backup will never resume this guest: its last words may go out.
-            self.release_all();
-            if end.reason == EndReason::Reboot {
-                self.last_session = 0;
-                self.announce();
-            }
-            self.status
-                .set_state(FtState::Stopped, format!("the guest ended ({reason:?})"));
-            if end.reason == EndReason::PowerOff {
-                self.say_stopped();
-            }
-            Stop::GuestEnded
-        } else {
-            self.end_without_session(reason)
-        }
-    }
-
-    /// The guest ended while no session is up: say so on the watch path for long enough that
-    /// the backup hears it (it discards its standby); output of a possible standby stays held.
-    fn end_without_session(&mut self, reason: ExitReason) -> Stop {
-        self.status
-            .set_state(FtState::Stopped, format!("the guest ended ({reason:?})"));
-        if end_reason(&reason) == EndReason::PowerOff {
-            self.say_stopped();
-        }
-        Stop::GuestEnded
-    }
-
-    fn say_stopped(&self) {
-        if let Some(w) = &self.opts.watch {
-            w.set_own(true, PeerState::Stopped, self.last_session, 0);
-            let dead = w.peer_dead_time().unwrap_or(self.opts.timeout) * 3;
-            std::thread::sleep(dead.min(Duration::from_secs(2)));
-        }
-    }
-}
-
-fn end_reason(r: &ExitReason) -> EndReason {
-    match r {
-        ExitReason::Reboot => EndReason::Reboot,
-        _ => EndReason::PowerOff,
     }
 }
 

@@ -265,6 +265,19 @@ pub fn kv_failover_round(
             Ok(client)
         })
     };
+    // The kill lands `kill_after` into the write stream: counted from the first acknowledged
+    // write (connecting through a loaded machine may take a while).
+    let t0 = Instant::now();
+    while acked
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .is_empty()
+    {
+        if t0.elapsed() > Duration::from_secs(20) || writer.is_finished() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
     std::thread::sleep(kill_after);
     let t_kill = Instant::now();
     bed.kill_node(bed.node_a())?;
