@@ -338,6 +338,10 @@ impl Primary {
                 due = now;
             }
             self.wait_next(started, due);
+            // A peer that says it is live wins even while acks flow (when unsure, stop a copy).
+            if self.decide(ALink::Ok, Duration::MAX) == PrimaryAction::Stop {
+                return Ok(self.fence());
+            }
             if let Some(reason) = self.vm.wait_exit(Duration::ZERO) {
                 return Ok(self.end_in_session(&mut link, epoch - 1, reason));
             }
