@@ -106,7 +106,6 @@ pub fn run_backup(opts: &BackupOptions, status: Arc<FtStatus>) -> Result<BackupO
     let mut last_heard = Instant::now();
     let mut observer = liveness::Observer::new(opts.timeout / 2);
     loop {
-        let observed = observer.tick();
         // A new connection replaces the current one: the primary reconnects.
         match listener.accept() {
             Ok((stream, peer)) => {
@@ -173,6 +172,10 @@ pub fn run_backup(opts: &BackupOptions, status: Arc<FtStatus>) -> Result<BackupO
                 "standby released; waiting for a new session",
             );
         }
+        // Ticked after every blocking call of the iteration: a stall of this process (or of
+        // the whole machine) during them restarts observation instead of counting as the
+        // primary's silence.
+        let observed = observer.tick();
         let silent = last_heard.elapsed().min(observed);
         let alink = match &link {
             Some(l) if silent < opts.timeout || l.unread() => ALink::Ok,

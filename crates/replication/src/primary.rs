@@ -445,7 +445,6 @@ impl Primary {
             // the epoch, so its output may go even if the backup took over meanwhile (it
             // sends the same frames again, TCP drops the duplicates). Unacknowledged output
             // is only ever released by a degrade, which the arbiter decides.
-            let observed = observer.tick();
             match link.next(Duration::from_millis(5)) {
                 Next::Frame(f) if f.kind == Kind::Ack => {
                     let ack: Ack = protocol::decode(&f.payload)?;
@@ -471,6 +470,8 @@ impl Primary {
                 Next::Failed(e) => return Err(e.into()),
                 Next::Nothing => {}
             }
+            // After the blocking wait, so a stall during it restarts observation.
+            let observed = observer.tick();
             let silent = sent.elapsed();
             let alink = if silent < self.opts.timeout {
                 ALink::Ok

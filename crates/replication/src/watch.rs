@@ -245,10 +245,19 @@ impl WatchPath {
             .spawn(move || {
                 raise_priority();
                 let mut last_ts = 0;
+                let mut last_sent = Instant::now();
                 while let Some(w) = weak.upgrade() {
                     if w.stop.load(Ordering::Acquire) {
                         break;
                     }
+                    let gap = last_sent.elapsed();
+                    if gap > w.dead / 2 {
+                        tracing::warn!(
+                            "watch path: no heartbeat for {} ms (this node starved of CPU?)",
+                            gap.as_millis()
+                        );
+                    }
+                    last_sent = Instant::now();
                     last_ts = now_ns().max(last_ts + 1);
                     let d = encode(&w.key, &w.beat(last_ts));
                     let peers = lock(&w.peers).clone();
