@@ -318,7 +318,7 @@ fn lost_backup_leaves_the_primary_running_degraded_with_output_flowing() {
     wait_ft_state(&pair.primary, "protected", Duration::from_secs(20)).unwrap();
     let mut c = KvClient::connect(
         format!("{}:7100", tap_a.guest_ip).parse().unwrap(),
-        Duration::from_secs(5),
+        Duration::from_secs(20),
         Duration::from_secs(20),
     )
     .unwrap();
@@ -448,7 +448,7 @@ fn frozen_primary_fails_over_and_on_sigcont_stops_without_emitting_a_frame() {
     wait_ft_state(&pair.primary, "protected", Duration::from_secs(20)).unwrap();
     let mut c = KvClient::connect(
         format!("{}:7100", tap_a.guest_ip).parse().unwrap(),
-        Duration::from_secs(5),
+        Duration::from_secs(20),
         Duration::from_secs(20),
     )
     .unwrap();
