@@ -99,8 +99,8 @@ pub fn start_pair(bed: &TwoNodeBed, dir: &Path, setup: &FtSetup) -> anyhow::Resu
         if setup.watch {
             args.extend(watch_args(bed.mgmt_ip_a(), bed.mgmt_ip_b()));
         }
-        let m = bed.spawn_monitor_in(bed.node_b(), &args, &con, Some(&sock))?;
-        wait_path(&sock, Duration::from_secs(10))?;
+        let mut m = bed.spawn_monitor_in(bed.node_b(), &args, &con, Some(&sock))?;
+        wait_sock(&mut m, &sock)?;
         Some(m)
     };
     let (con, sock) = (dir.join("a.console"), dir.join("a.sock"));
@@ -131,8 +131,8 @@ pub fn start_pair(bed: &TwoNodeBed, dir: &Path, setup: &FtSetup) -> anyhow::Resu
             args.extend(watch_args(bed.mgmt_ip_b(), bed.mgmt_ip_a()));
         }
     }
-    let primary = bed.spawn_monitor_in(bed.node_a(), &args, &con, Some(&sock))?;
-    wait_path(&sock, Duration::from_secs(10))?;
+    let mut primary = bed.spawn_monitor_in(bed.node_a(), &args, &con, Some(&sock))?;
+    wait_sock(&mut primary, &sock)?;
     Ok(FtPair {
         primary,
         backup,
@@ -148,6 +148,25 @@ fn watch_args(peer_ip: &str, own_ip: &str) -> Vec<String> {
         "--ft-watch-bind",
         &format!("{own_ip}:{WATCH_PORT}"),
     ])
+}
+
+/// Waits for a monitor's API socket; fails at once, with its stderr, if the monitor exits.
+fn wait_sock(m: &mut Monitor, sock: &Path) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    while !sock.exists() {
+        if let Ok(status) = m.wait_exit(Duration::ZERO) {
+            bail!(
+                "the monitor exited ({status}) before {} appeared: {}",
+                sock.display(),
+                m.stderr_text()
+            );
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            bail!("{} did not appear within 20 s", sock.display());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
 }
 
 /// Waits for a file to exist.
