@@ -168,9 +168,7 @@ fn start_with(
     ));
     std::fs::create_dir_all(&sub)?;
     let setup = FtSetup {
-        job: job.to_string(),
         mem_mib: 256,
-        timeout_ms: 100,
         unprotected,
         primary_args: extra.iter().map(|a| a.to_string()).collect(),
         ..FtSetup::new(job)

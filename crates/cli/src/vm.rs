@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use replication::arbiter::Arbiter;
+use replication::watch::WatchPath;
 use serde_json::{json, Value};
 use vmm::config::{default_mac, parse_mac};
 use vmm::snapshot::{self, SnapshotFile};
@@ -36,7 +38,7 @@ pub enum VmCommand {
     /// Stop a running VM.
     Shutdown(SockArgs),
     /// Stand by as the FT backup of a VM whose primary runs `vm run --ft-peer`.
-    Backup(BackupArgs),
+    Backup(Box<BackupArgs>),
 }
 
 /// FT options of `vm run` (the primary side).
@@ -66,6 +68,61 @@ pub struct FtArgs {
     /// measurements.
     #[arg(long)]
     pub ft_no_delta: bool,
+    #[command(flatten)]
+    pub watch: WatchArgs,
+    /// How long the A-link may stay without a session before the backup is asked (watch path)
+    /// to release its standby so this node may release held output, ms.
+    #[arg(long, default_value_t = 1000)]
+    pub ft_release_after_ms: u64,
+}
+
+/// The watch path (the two-node arbiter), on both `vm run` and `vm backup`.
+#[derive(Args, Clone)]
+pub struct WatchArgs {
+    /// The peer monitor's watch address (management network, UDP). Without it there is no
+    /// arbiter: the backup never takes over by itself and the primary never degrades.
+    #[arg(long, value_name = "PEER_ADDR:PORT")]
+    pub ft_watch: Option<std::net::SocketAddr>,
+    /// This node's watch address (default: any address, the peer's port).
+    #[arg(long, value_name = "ADDR:PORT", requires = "ft_watch")]
+    pub ft_watch_bind: Option<std::net::SocketAddr>,
+    /// The VM's identity on the watch path (the same on both nodes).
+    #[arg(long, default_value = "vm")]
+    pub ft_vm_id: String,
+}
+
+/// A watch path (if configured) and the arbiter deciding from it.
+type WatchAndArbiter = (Option<Arc<WatchPath>>, Arc<dyn Arbiter>);
+
+impl WatchArgs {
+    /// Starts the watch path and its arbiter (or none, with a warning).
+    fn start(
+        &self,
+        secret: &[u8],
+        primary: bool,
+        dead: Duration,
+    ) -> anyhow::Result<WatchAndArbiter> {
+        let Some(peer) = self.ft_watch else {
+            eprintln!(
+                "ftvm: warning: no --ft-watch: there is no arbiter; the backup never takes over \
+                 by itself and the primary holds its output while the backup is away"
+            );
+            return Ok((None, Arc::new(replication::arbiter::NoArbiter)));
+        };
+        let bind = self
+            .ft_watch_bind
+            .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], peer.port())));
+        let w = replication::watch::WatchPath::start(
+            &self.ft_vm_id,
+            bind,
+            peer,
+            secret,
+            primary,
+            dead,
+        )?;
+        let a = Arc::new(replication::arbiter::TwoNodeArbiter::new(w.clone(), dead));
+        Ok((Some(w), a))
+    }
 }
 
 /// Options of `ftvm vm backup`.
@@ -96,6 +153,11 @@ pub struct BackupArgs {
     /// instance the repaired former primary running `ftvm vm backup --listen`).
     #[arg(long, value_name = "ADDR:PORT")]
     pub reprotect_to: Option<std::net::SocketAddr>,
+    /// The new backup's watch address after a failover (with --reprotect-to).
+    #[arg(long, value_name = "ADDR:PORT", requires = "reprotect_to")]
+    pub reprotect_watch: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    pub watch: WatchArgs,
 }
 
 /// The control socket of a running VM.
@@ -177,7 +239,7 @@ pub fn run(cmd: VmCommand) -> anyhow::Result<i32> {
     match cmd {
         VmCommand::Run(args) => run_vm(*args),
         VmCommand::Restore(args) => restore_vm(args),
-        VmCommand::Backup(args) => backup_vm(args),
+        VmCommand::Backup(args) => backup_vm(*args),
         VmCommand::Status(s) => print_answer(api::request(&s.api_sock, "GET", "/status", None)?),
         VmCommand::Pause(s) => print_answer(api::request(&s.api_sock, "POST", "/pause", None)?),
         VmCommand::Resume(s) => print_answer(api::request(&s.api_sock, "POST", "/resume", None)?),
@@ -379,15 +441,21 @@ fn default_linux_cmdline() -> String {
 struct VmControl {
     vm: Arc<Vm>,
     ft: Option<Arc<replication::FtStatus>>,
+    watch: Option<Arc<replication::watch::WatchPath>>,
     /// Whether an operator's pause is in force (only that one may be resumed through the API).
     operator_paused: std::sync::Mutex<bool>,
 }
 
 impl VmControl {
-    fn new(vm: Arc<Vm>, ft: Option<Arc<replication::FtStatus>>, paused: bool) -> Self {
+    fn new(vm: Arc<Vm>, ft: Option<FtRun>, paused: bool) -> Self {
+        let (ft, watch) = match ft {
+            Some(f) => (Some(f.status), f.watch),
+            None => (None, None),
+        };
         Self {
             vm,
             ft,
+            watch,
             operator_paused: std::sync::Mutex::new(paused),
         }
     }
@@ -398,10 +466,7 @@ impl api::Control for VmControl {
         let mut v = serde_json::to_value(self.vm.status())
             .unwrap_or_else(|e| json!({ "error": e.to_string() }));
         if let (Some(ft), Some(obj)) = (&self.ft, v.as_object_mut()) {
-            obj.insert(
-                "ft".into(),
-                serde_json::to_value(ft.get()).unwrap_or_default(),
-            );
+            obj.insert("ft".into(), ft_json(ft, self.watch.as_deref()));
         }
         v
     }
@@ -456,49 +521,83 @@ fn read_secret(file: Option<&Path>) -> anyhow::Result<Vec<u8>> {
     Ok(s.as_bytes().to_vec())
 }
 
+/// The FT status as JSON, with the watch path's view.
+fn ft_json(ft: &replication::FtStatus, watch: Option<&replication::watch::WatchPath>) -> Value {
+    let mut v = serde_json::to_value(ft.get()).unwrap_or_default();
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert(
+            "watch".into(),
+            watch
+                .map(|w| serde_json::to_value(w.status()).unwrap_or_default())
+                .unwrap_or(Value::Null),
+        );
+    }
+    v
+}
+
+/// What `supervise` needs of a protected VM.
+struct FtRun {
+    status: Arc<replication::FtStatus>,
+    watch: Option<Arc<replication::watch::WatchPath>>,
+    /// The engine thread: waited for (bounded) when the guest ends, so the backup is told.
+    engine: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Exit status of a copy stopped because its peer is live.
+const EXIT_FENCED: i32 = 3;
+
 fn run_vm(args: RunArgs) -> anyhow::Result<i32> {
     let config = build_config(&args)?;
     let ft = match args.ft.ft_peer {
         Some(peer) => {
-            let mut o =
-                replication::FtOptions::new(peer, read_secret(args.ft.ft_secret_file.as_deref())?);
+            let secret = read_secret(args.ft.ft_secret_file.as_deref())?;
+            let mut o = replication::FtOptions::new(peer, secret.clone());
             o.min_interval = Duration::from_millis(args.ft.ft_min_interval_ms.max(1));
             o.max_interval =
                 Duration::from_millis(args.ft.ft_max_interval_ms.max(args.ft.ft_min_interval_ms));
             o.timeout = Duration::from_millis(args.ft.ft_timeout_ms.max(10));
+            o.release_after = Duration::from_millis(args.ft.ft_release_after_ms.max(10));
             o.sync_disks = !args.ft.ft_assume_disks_synced;
             o.delta = !args.ft.ft_no_delta;
+            o.vm_id = args.ft.watch.ft_vm_id.clone();
+            // One watch path for the process: protection follows reboots.
+            (o.watch, o.arbiter) = args.ft.watch.start(&secret, true, o.timeout)?;
             Some(o)
         }
         None => None,
     };
     loop {
         let vm = Arc::new(Vm::create(config.clone())?);
-        let status = match &ft {
+        let run = match &ft {
             Some(opts) => {
                 let status = Arc::new(replication::FtStatus::new("primary"));
-                replication::start_primary(vm.clone(), opts.clone(), status.clone())
+                let engine = replication::start_primary(vm.clone(), opts.clone(), status.clone())
                     .context("cannot start the FT engine")?;
-                Some(status)
+                Some(FtRun {
+                    status,
+                    watch: opts.watch.clone(),
+                    engine: Some(engine),
+                })
             }
             None => None,
         };
-        match supervise(vm, args.api_sock.as_deref(), false, status)? {
+        match supervise(vm, args.api_sock.as_deref(), false, run)? {
             Some(code) => return Ok(code),
-            None if ft.is_some() => {
-                bail!("the FT guest rebooted; FT protection does not follow reboots yet")
-            }
+            None if ft.is_some() => tracing::info!("the FT guest rebooted; protecting it again"),
             None => tracing::info!("guest rebooted"),
         }
     }
 }
 
 /// The control API of a backup that has no running VM yet.
-struct BackupControl(Arc<replication::FtStatus>);
+struct BackupControl(
+    Arc<replication::FtStatus>,
+    Option<Arc<replication::watch::WatchPath>>,
+);
 
 impl api::Control for BackupControl {
     fn status(&self) -> Value {
-        json!({ "state": "standby", "ft": serde_json::to_value(self.0.get()).unwrap_or_default() })
+        json!({ "state": "standby", "ft": ft_json(&self.0, self.1.as_deref()) })
     }
     fn pause(&self) -> Result<Value, String> {
         Err("this node holds a standby copy; pause the primary".into())
@@ -530,17 +629,25 @@ fn backup_vm(args: BackupArgs) -> anyhow::Result<i32> {
         .iter()
         .map(|n| parse_net(n).map(|n| n.tap))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let timeout = Duration::from_millis(args.ft_timeout_ms.max(10));
+    let (watch, arbiter) = args.watch.start(&secret, false, timeout)?;
     let opts = replication::BackupOptions {
         listen: args.listen,
         secret,
         disks,
         taps,
         console: parse_console(&args.console)?,
-        timeout: Duration::from_millis(args.ft_timeout_ms.max(10)),
+        timeout,
+        vm_id: args.watch.ft_vm_id.clone(),
+        watch: watch.clone(),
+        arbiter,
     };
     let status = Arc::new(replication::FtStatus::new("backup"));
     let server = match &args.api_sock {
-        Some(p) => Some(api::serve(p, Arc::new(BackupControl(status.clone())))?),
+        Some(p) => Some(api::serve(
+            p,
+            Arc::new(BackupControl(status.clone(), watch.clone())),
+        )?),
         None => None,
     };
     match replication::run_backup(&opts, status.clone())? {
@@ -548,20 +655,42 @@ fn backup_vm(args: BackupArgs) -> anyhow::Result<i32> {
         replication::BackupOutcome::FailedOver { vm, epoch, reason } => {
             eprintln!("ftvm: primary lost ({reason}); guest resumed here from checkpoint {epoch}");
             drop(server);
-            let status = match args.reprotect_to {
+            let run = match args.reprotect_to {
                 Some(peer) => {
                     // This node is the primary now; protect the guest again.
                     let mut o = replication::FtOptions::new(peer, opts.secret.clone());
                     o.timeout = opts.timeout;
-                    o.connect_timeout = Duration::from_secs(24 * 3600);
+                    o.vm_id = opts.vm_id.clone();
+                    if let (Some(w), Some(new_peer)) = (&watch, args.reprotect_watch) {
+                        // Live here, no session yet: output flows until the first checkpoint.
+                        w.set_own(true, replication::liveness::PeerState::PrimaryLive, 0, 0);
+                        w.set_peer(new_peer);
+                        o.watch = Some(w.clone());
+                        o.arbiter = Arc::new(replication::arbiter::TwoNodeArbiter::new(
+                            w.clone(),
+                            opts.timeout,
+                        ));
+                    } else {
+                        eprintln!(
+                            "ftvm: warning: no --reprotect-watch: the new backup has no arbiter"
+                        );
+                    }
                     let st = Arc::new(replication::FtStatus::new("primary"));
-                    replication::start_primary(vm.clone(), o, st.clone())
+                    let engine = replication::start_primary(vm.clone(), o.clone(), st.clone())
                         .context("cannot start the FT engine")?;
-                    st
+                    FtRun {
+                        status: st,
+                        watch: o.watch,
+                        engine: Some(engine),
+                    }
                 }
-                None => status,
+                None => FtRun {
+                    status,
+                    watch,
+                    engine: None,
+                },
             };
-            match supervise_started(vm, args.api_sock.as_deref(), Some(status), false)? {
+            match supervise_started(vm, args.api_sock.as_deref(), Some(run), false)? {
                 Some(code) => Ok(code),
                 None => {
                     bail!("the guest rebooted after failover; start it again with `ftvm vm run`")
@@ -616,7 +745,7 @@ fn supervise(
     vm: Arc<Vm>,
     api_sock: Option<&Path>,
     start_paused: bool,
-    ft: Option<Arc<replication::FtStatus>>,
+    ft: Option<FtRun>,
 ) -> anyhow::Result<Option<i32>> {
     // Start first: when the socket appears, the VM is in the state the options asked for.
     if start_paused {
@@ -641,9 +770,11 @@ fn announce(vm: &Vm) {
 fn supervise_started(
     vm: Arc<Vm>,
     api_sock: Option<&Path>,
-    ft: Option<Arc<replication::FtStatus>>,
+    mut ft: Option<FtRun>,
     operator_paused: bool,
 ) -> anyhow::Result<Option<i32>> {
+    let engine = ft.as_mut().and_then(|f| f.engine.take());
+    let status = ft.as_ref().map(|f| f.status.clone());
     let _server = match api_sock {
         Some(p) => Some(api::serve(
             p,
@@ -651,16 +782,40 @@ fn supervise_started(
         )?),
         None => None,
     };
-    wait_end(vm)
+    wait_end(vm, status, engine)
 }
 
-fn wait_end(vm: Arc<Vm>) -> anyhow::Result<Option<i32>> {
+fn wait_end(
+    vm: Arc<Vm>,
+    ft: Option<Arc<replication::FtStatus>>,
+    engine: Option<std::thread::JoinHandle<()>>,
+) -> anyhow::Result<Option<i32>> {
+    let fenced = || {
+        ft.as_ref()
+            .is_some_and(|s| s.get().state == replication::FtState::Fenced)
+    };
     let reason = loop {
-        if let Some(r) = vm.wait_exit(Duration::from_millis(500)) {
+        if let Some(r) = vm.wait_exit(Duration::from_millis(20)) {
             break r;
         }
+        if fenced() {
+            vm.stop();
+            eprintln!("ftvm: the peer node runs this VM now; this copy stopped");
+            return Ok(Some(EXIT_FENCED));
+        }
     };
+    // The FT engine tells the backup that the guest ended (so it is never resumed there)
+    // before this process may exit.
+    if let Some(e) = engine {
+        let t0 = std::time::Instant::now();
+        while !e.is_finished() && t0.elapsed() < Duration::from_secs(8) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
     vm.stop();
+    if fenced() {
+        return Ok(Some(EXIT_FENCED));
+    }
     match reason {
         ExitReason::PowerOff => Ok(Some(vm.guest_exit_status().unwrap_or(0))),
         ExitReason::Shutdown => Ok(Some(0)),

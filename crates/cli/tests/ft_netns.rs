@@ -99,3 +99,116 @@ fn no_acknowledged_write_is_lost_across_20_failovers() {
     }
     eprintln!("failover times (ms): {failover_ms:?}");
 }
+
+/// Writes `pre{i}` keys until `stop`; returns the acknowledged ones.
+fn background_writer(
+    mut client: testbed::kv::KvClient,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Vec<usize>> {
+    std::thread::spawn(move || {
+        let mut acked = Vec::new();
+        let mut i = 0;
+        while !stop.load(std::sync::atomic::Ordering::Acquire) {
+            match client.set(&format!("pre{i}"), &format!("v{i}")) {
+                Ok(true) => acked.push(i),
+                other => panic!("SET pre{i}: {other:?}"),
+            }
+            i += 1;
+        }
+        acked
+    })
+}
+
+fn check_keys(bed: &TwoNodeBed, keys: &[usize]) {
+    let mut c = ft::kv_client(bed, Duration::from_secs(10)).unwrap();
+    let lost: Vec<_> = keys
+        .iter()
+        .filter(|&&i| c.get(&format!("pre{i}")).unwrap().as_deref() != Some(&format!("v{i}")))
+        .collect();
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+}
+
+#[test]
+fn corrupted_alink_frame_is_no_failover_and_no_acknowledged_write_is_lost() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (bed, dir) = bed("ftc");
+    let proxy =
+        testbed::netns::AlinkProxy::start(&bed, 0, ft::ALINK_PORT, testbed::netns::Fault::None)
+            .unwrap();
+    let setup = FtSetup {
+        alink_via: Some(proxy.addr()),
+        ..FtSetup::new("kv 7000")
+    };
+    let mut pair = ft::start_pair(&bed, &dir.0, &setup).unwrap();
+    ft::wait_ft_state(&pair.primary, "protected", Duration::from_secs(30)).unwrap();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let writer = background_writer(
+        ft::kv_client(&bed, Duration::from_secs(20)).unwrap(),
+        stop.clone(),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    proxy.corrupt_next_after(2000);
+    let backup = pair.backup.as_ref().unwrap();
+    let t0 = Instant::now();
+    loop {
+        let st = backup.api("GET", "/status", None).unwrap();
+        assert_ne!(st["ft"]["state"], "failed-over", "{st}");
+        if st["ft"]["sessions"].as_u64() >= Some(2) && st["ft"]["state"] == "protected" {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "not re-protected: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(proxy.faults_applied(), 1);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Release);
+    let acked = writer.join().unwrap();
+    assert!(acked.len() > 10, "only {} writes acknowledged", acked.len());
+    // The new session's standby holds every acknowledged write: lose node A now.
+    let r = ft::kv_failover_round(&bed, &mut pair, Duration::from_millis(200), 20).unwrap();
+    assert!(r.lost.is_empty(), "lost after the failover: {:?}", r.lost);
+    check_keys(&bed, &acked);
+    eprintln!(
+        "{} writes across the corrupted frame, {} across the failover ({:.0} ms)",
+        acked.len(),
+        r.acked,
+        r.failover_ms
+    );
+}
+
+#[test]
+fn a_cut_alink_with_the_watch_path_alive_never_makes_two_live_copies() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (bed, dir) = bed("ftw");
+    let mut pair = ft::start_pair(&bed, &dir.0, &FtSetup::new("kv 7000")).unwrap();
+    ft::wait_ft_state(&pair.primary, "protected", Duration::from_secs(30)).unwrap();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let writer = background_writer(
+        ft::kv_client(&bed, Duration::from_secs(30)).unwrap(),
+        stop.clone(),
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    // The cable is pulled: the A-link is gone, the management network (watch path) is not.
+    bed.link_down(testbed::netns::Link::ALink).unwrap();
+    let backup = pair.backup.as_ref().unwrap();
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(3) {
+        let st = backup.api("GET", "/status", None).unwrap();
+        assert_ne!(st["ft"]["state"], "failed-over", "two live copies: {st}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The primary asked the backup to release and, with its word, runs on alone.
+    ft::wait_ft_state(&pair.primary, "degraded", Duration::from_secs(10)).unwrap();
+    bed.link_up(testbed::netns::Link::ALink).unwrap();
+    // The A-link is back: protection resumes by itself with a new session.
+    ft::wait_ft_state(&pair.primary, "protected", Duration::from_secs(30)).unwrap();
+    ft::wait_ft_state(backup, "protected", Duration::from_secs(10)).unwrap();
+    stop.store(true, Ordering::Release);
+    let acked = writer.join().unwrap();
+    let r = ft::kv_failover_round(&bed, &mut pair, Duration::from_millis(200), 20).unwrap();
+    assert!(r.lost.is_empty(), "lost after the failover: {:?}", r.lost);
+    check_keys(&bed, &acked);
+}

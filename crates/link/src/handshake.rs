@@ -39,6 +39,9 @@ pub struct Session {
     pub tx: Direction,
     /// Frames this side receives.
     pub rx: Direction,
+    /// The session's identity, the same on both ends and fresh per handshake (the start of
+    /// the transcript hash).
+    pub id: [u8; 16],
 }
 
 fn service_id(service: &str) -> [u8; 8] {
@@ -153,15 +156,18 @@ pub fn handshake<R: Read, W: Write>(
         Role::Initiator => (i2r, r2i),
         Role::Responder => (r2i, i2r),
     };
-    let mut session = Session {
-        tx: Direction::new(tx_key, max_payload.max(32)),
-        rx: Direction::new(rx_key, max_payload.max(32)),
-    };
-
     let mut transcript = Sha256::new();
     transcript.update(init);
     transcript.update(resp);
     let transcript = transcript.finalize();
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&transcript[..16]);
+    let mut session = Session {
+        tx: Direction::new(tx_key, max_payload.max(32)),
+        rx: Direction::new(rx_key, max_payload.max(32)),
+        id,
+    };
+
     session.tx.send(w, CONFIRM, &transcript)?;
     let confirm = session.rx.recv(r).map_err(|e| match e {
         LinkError::Auth(_) => LinkError::WrongSecret,

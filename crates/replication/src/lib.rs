@@ -8,13 +8,23 @@
 //! - [`pages`]: copying, compressing and applying guest pages.
 //! - [`primary`]: the primary's engine; the per-checkpoint path is `Primary::checkpoint`.
 //! - [`backup`]: the backup's engine and failover.
+//! - [`liveness`]: the one place that decides who may be live.
+//! - [`arbiter`]: the arbiter asked before a takeover or a degrade.
+//! - [`watch`]: the watch path, the second heartbeat the two-node arbiter decides from.
 
 pub mod announce;
+pub mod arbiter;
 pub mod backup;
+pub mod gate;
+pub mod link;
+pub mod liveness;
 pub mod pages;
 pub mod primary;
+mod primary_end;
+mod primary_sync;
 pub mod protocol;
 pub mod status;
+pub mod watch;
 pub mod wire;
 
 pub use backup::{run_backup, BackupOptions, BackupOutcome};

@@ -1,72 +1,81 @@
-//! The primary's engine: connects to the backup, copies memory while the guest runs, then
-//! checkpoints continuously. `Primary::checkpoint` is the whole per-checkpoint path:
+//! The primary's engine: reaches the backup, copies disks and memory while the guest runs,
+//! then checkpoints continuously. `Primary::checkpoint` is the whole per-checkpoint path:
 //! pause → dirty log → copy → resume → send → ack → release output.
+//!
+//! When the A-link fails (refused frame, slow or missing ack, broken connection) output stays
+//! held and the engine reconnects; what happens meanwhile — asking the backup to release,
+//! degrading, stopping this copy — is decided by [`liveness::primary`] and the arbiter only.
 
-use std::io::{BufReader, BufWriter};
-use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vmm::Vm;
 
-use crate::pages::{PageBatch, Staging};
-use crate::protocol::{self, Ack, Checkpoint, Hello};
+use crate::arbiter::{Arbiter, Claim};
+use crate::link::{Link, Next};
+use crate::liveness::{self, ALink, Observer, PeerState, PrimaryAction, PrimaryView, SessionId};
+use crate::pages::Staging;
+use crate::protocol::{self, Ack, Checkpoint, NoBackup};
 use crate::status::{FtState, FtStatus, PausePhases};
-use crate::wire::{self, Channel, Kind};
+use crate::watch::WatchPath;
+use crate::wire::Kind;
 use crate::Error;
 
 /// FT settings of a protected VM.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct FtOptions {
     /// The backup's A-link address.
-    pub peer: SocketAddr,
+    pub peer: std::net::SocketAddr,
     /// The cluster secret (HMAC key material).
     pub secret: Vec<u8>,
     /// Shortest checkpoint interval.
     pub min_interval: Duration,
     /// Longest checkpoint interval.
     pub max_interval: Duration,
-    /// How long the primary waits for an acknowledgement before declaring the backup lost;
-    /// also the backup's failover timeout.
+    /// The dead time: A-link silence that counts (with the watch path's) as the peer's loss.
     pub timeout: Duration,
-    /// How long to keep trying to reach the backup at start.
-    pub connect_timeout: Duration,
+    /// How long the A-link may stay without a session before the backup is asked (watch
+    /// path) to release its standby.
+    pub release_after: Duration,
     /// Copy every disk to the backup during the initial sync (off only when the volumes are
     /// known to be identical, e.g. freshly mirrored and not yet used).
     pub sync_disks: bool,
     /// Send pages written again as deltas against the copy the backup holds.
     pub delta: bool,
+    /// The VM's identity in claims.
+    pub vm_id: String,
+    /// The watch path (None: no arbiter; output stays held while the backup is away).
+    pub watch: Option<Arc<WatchPath>>,
+    /// Asked before a degrade.
+    pub arbiter: Arc<dyn Arbiter>,
 }
 
 impl FtOptions {
-    /// Defaults: 2–20 ms interval, 100 ms timeout.
-    pub fn new(peer: SocketAddr, secret: Vec<u8>) -> Self {
+    /// Defaults: 2–20 ms interval, 100 ms dead time, release asked after 1 s, no arbiter.
+    pub fn new(peer: std::net::SocketAddr, secret: Vec<u8>) -> Self {
         Self {
             peer,
             secret,
             min_interval: Duration::from_millis(2),
             max_interval: Duration::from_millis(20),
             timeout: Duration::from_millis(100),
-            connect_timeout: Duration::from_secs(30),
+            release_after: Duration::from_secs(1),
             sync_disks: true,
             delta: true,
+            vm_id: "vm".into(),
+            watch: None,
+            arbiter: Arc::new(crate::arbiter::NoArbiter),
         }
     }
 }
 
-/// Pages per pre-copy frame.
-const PRECOPY_BATCH: usize = 4096;
-/// Pre-copy stops iterating when fewer pages than this are dirty.
-const PRECOPY_DONE_PAGES: usize = 4096;
-/// Most pre-copy rounds after the full copy.
-const PRECOPY_ROUNDS: usize = 8;
-
-/// Starts protecting `vm` (already running or about to run) on a new thread.
+/// Starts protecting `vm` (already running or about to run) on a new thread. The thread ends
+/// when the guest ended (after telling the backup), or when this copy was fenced
+/// ([`FtState::Fenced`]: the caller must stop the VM).
 ///
-/// Disks are copied to the backup during the initial sync (writes meanwhile travel with the first
-/// checkpoint). With `sync_disks` off, call this before `vm.start()`: writes are then recorded
-/// from the first guest instruction, and the backup's volumes must equal the primary's at start.
+/// With `sync_disks` off, call this before `vm.start()`: writes are then recorded from the
+/// first guest instruction, and the backup's volumes must equal the primary's at start.
 pub fn start_primary(
     vm: Arc<Vm>,
     opts: FtOptions,
@@ -78,6 +87,13 @@ pub fn start_primary(
             log.enable();
         }
     }
+    status.update(|s| {
+        s.arbiter = opts.arbiter.describe();
+        s.split_brain_exposure = opts.arbiter.split_brain_exposure();
+    });
+    // A session of a previous engine of this process (the guest rebooted without the backup
+    // hearing of it) may still be standing by: keep its output held as if it were ours.
+    let last_session = opts.watch.as_ref().map_or(0, |w| w.own_session());
     std::thread::Builder::new()
         .name("ft-primary".into())
         .spawn(move || {
@@ -86,51 +102,192 @@ pub fn start_primary(
                 opts,
                 status,
                 staging: Staging::default(),
-                tx: Channel::new(),
-                rx: Channel::new(),
                 in_flight: Vec::new(),
+                held_back: Vec::new(),
+                holding: false,
+                last_session,
+                last_heard: Instant::now(),
+                degraded: false,
             };
-            match p.run() {
-                Ok(()) => {}
-                Err(e) => p.degrade(&e.to_string()),
+            if last_session != 0 {
+                p.hold();
             }
+            p.run();
         })
 }
 
-struct Primary {
-    vm: Arc<Vm>,
-    opts: FtOptions,
-    status: Arc<FtStatus>,
-    staging: Staging,
-    tx: Channel,
-    rx: Channel,
+pub(crate) struct Primary {
+    pub(crate) vm: Arc<Vm>,
+    pub(crate) opts: FtOptions,
+    pub(crate) status: Arc<FtStatus>,
+    pub(crate) staging: Staging,
     /// Output of the checkpoint awaiting its acknowledgement, per network interface.
     in_flight: Vec<Vec<Vec<u8>>>,
+    /// Output of epochs never acknowledged (a lost session), sent with the next session's
+    /// first checkpoint, per interface; bounded.
+    held_back: Vec<Vec<Vec<u8>>>,
+    /// Whether output is held (from the first checkpoint of a session until a degrade).
+    holding: bool,
+    /// The last session started: a standby of it may exist on the backup (0: none).
+    pub(crate) last_session: SessionId,
+    /// When the backup was last heard on the A-link.
+    last_heard: Instant,
+    /// Whether held output was released unacknowledged.
+    degraded: bool,
 }
 
-struct Link {
-    w: BufWriter<TcpStream>,
-    r: BufReader<TcpStream>,
+/// How a session or a wait ended.
+pub(crate) enum Stop {
+    /// The guest ended; the backup was told.
+    GuestEnded,
+    /// The peer is live: this copy stopped.
+    Fenced,
 }
 
 impl Primary {
-    fn run(&mut self) -> Result<(), Error> {
-        self.status.set_state(
-            FtState::Syncing,
-            format!("connecting to {}", self.opts.peer),
-        );
-        let mut link = self.connect()?;
-        self.handshake(&mut link)?;
-        // A new session: the backup's memory is what this session sends it.
-        self.staging.set_delta(self.opts.delta);
+    fn run(&mut self) {
+        self.announce();
+        let mut failures = 0u32;
+        loop {
+            // Sessions that fail before protection back off (a broken backup is not hammered).
+            let protected_before = self.status.get().checkpoints;
+            let link = match self.reach(failures) {
+                Ok(link) => link,
+                Err(_stop) => return,
+            };
+            let why = match self.session(link) {
+                Ok(stop) => {
+                    let _ = stop;
+                    return;
+                }
+                Err(e) => e.to_string(),
+            };
+            if self.status.get().checkpoints > protected_before {
+                failures = 0;
+            } else {
+                failures = (failures + 1).min(5);
+            }
+            tracing::warn!("FT session lost: {why}; output stays held while reconnecting");
+            self.keep_in_flight();
+            // The next session copies the disks in full: what the logs hold now is covered by
+            // that copy, and they must not grow without bound meanwhile.
+            for l in self.vm.disk_logs() {
+                l.disable();
+            }
+            self.status.set_state(
+                if self.degraded {
+                    FtState::Degraded
+                } else {
+                    FtState::Reconnecting
+                },
+                why,
+            );
+        }
+    }
+
+    pub(crate) fn announce(&self) {
+        if let Some(w) = &self.opts.watch {
+            w.set_own(true, PeerState::PrimaryLive, self.last_session, 0);
+        }
+    }
+
+    /// Until a session is up: reconnect, and meanwhile do what the liveness rule says.
+    fn reach(&mut self, failures: u32) -> Result<Link, Stop> {
+        let mut observer = Observer::new(self.opts.timeout / 2);
+        let backoff = Duration::from_millis(100) * (1 << failures);
+        let mut next_attempt = Instant::now() + backoff - Duration::from_millis(100);
+        loop {
+            let observed = observer.tick();
+            if let Some(reason) = self.vm.wait_exit(Duration::ZERO) {
+                return Err(self.end_without_session(reason));
+            }
+            match self.decide(
+                ALink::Down(self.last_heard.elapsed().min(observed)),
+                observed,
+            ) {
+                PrimaryAction::Stop => return Err(self.fence()),
+                PrimaryAction::Degrade => self.degrade("the arbiter granted the degrade"),
+                PrimaryAction::HoldAndReconnect { .. }
+                | PrimaryAction::KeepGoing
+                | PrimaryAction::AskArbiter(_) => {}
+            }
+            if Instant::now() >= next_attempt {
+                match self.connect() {
+                    Ok(link) => return Ok(link),
+                    Err(e) => {
+                        tracing::debug!("backup {} not reachable: {e}", self.opts.peer);
+                        next_attempt = Instant::now() + backoff;
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Asks [`liveness::primary`] (and the arbiter when it says so) what to do now.
+    fn decide(&mut self, alink: ALink, observed: Duration) -> PrimaryAction {
+        let Some(watch) = &self.opts.watch else {
+            return liveness::primary(&PrimaryView {
+                alink,
+                watch: liveness::Watch::Off,
+                session: self.last_session,
+                release_after: self.opts.release_after,
+                peer_dead: self.opts.timeout * 2,
+                verdict: None,
+            });
+        };
+        let peer_dead = watch.peer_dead_time().unwrap_or(self.opts.timeout) * 2;
+        let mut view = PrimaryView {
+            alink,
+            watch: watch.as_input().observed(observed),
+            session: self.last_session,
+            release_after: self.opts.release_after,
+            peer_dead,
+            verdict: None,
+        };
+        let mut action = liveness::primary(&view);
+        if let PrimaryAction::AskArbiter(kind) = action {
+            if self.degraded {
+                return PrimaryAction::KeepGoing;
+            }
+            view.verdict = Some(self.opts.arbiter.claim(&Claim {
+                vm: self.opts.vm_id.clone(),
+                kind,
+                epoch: self.status.get().epoch,
+                session: self.last_session,
+            }));
+            action = liveness::primary(&view);
+        }
+        if !self.degraded {
+            let release = match action {
+                PrimaryAction::HoldAndReconnect { ask_release: true } => self.last_session,
+                _ => 0,
+            };
+            watch.ask_release(release);
+        }
+        if action == PrimaryAction::Degrade && self.degraded {
+            return PrimaryAction::KeepGoing;
+        }
+        action
+    }
+
+    /// One session: handshake, initial sync, then checkpoints until it fails or the guest ends.
+    fn session(&mut self, mut link: Link) -> Result<Stop, Error> {
+        self.last_session = link.id;
+        self.announce();
+        self.status.update(|s| s.sessions += 1);
         if self.opts.sync_disks {
             self.status.set_state(FtState::Syncing, "copying disks");
-            // Writes from here on reach the backup with the first checkpoint, after the copy.
+            // Writes from here on reach the backup with the first checkpoint, after the copy
+            // (which covers everything recorded before it).
             for log in self.vm.disk_logs() {
+                log.disable();
                 log.enable();
             }
             self.sync_disks(&mut link)?;
         }
+        // Whatever the backup's volumes were, a later session may find them behind ours.
+        self.opts.sync_disks = true;
         self.status.set_state(FtState::Syncing, "copying memory");
         self.precopy(&mut link)?;
 
@@ -139,12 +296,15 @@ impl Primary {
         let mut due = Instant::now();
         let mut window = (Instant::now(), 0u64);
         loop {
-            let stats = self.checkpoint(&mut link, epoch)?;
+            let stats = match self.checkpoint(&mut link, epoch)? {
+                Ok(stats) => stats,
+                Err(stop) => return Ok(stop),
+            };
             if epoch == 1 {
+                self.degraded = false;
                 self.status
                     .set_state(FtState::Protected, "first checkpoint acknowledged");
             }
-            // Adaptive interval: keep checkpoint work to about a quarter of the time, within bounds.
             // Adaptive interval: the pause at most ~10% of the guest's time and the A-link busy at
             // most half of it, within the configured bounds; output waiting cuts it short below.
             let interval = (stats.pause * 10)
@@ -181,17 +341,22 @@ impl Primary {
                 due = now;
             }
             self.wait_next(started, due);
-            if self.vm.wait_exit(Duration::ZERO).is_some() {
-                let _ = self.tx.send(&mut link.w, Kind::Bye, &[]);
-                self.status.set_state(FtState::Stopped, "the guest stopped");
-                self.release_all();
-                return Ok(());
+            // A peer that says it is live wins even while acks flow (when unsure, stop a copy).
+            if self.decide(ALink::Ok, Duration::MAX) == PrimaryAction::Stop {
+                return Ok(self.fence());
+            }
+            if let Some(reason) = self.vm.wait_exit(Duration::ZERO) {
+                return Ok(self.end_in_session(&mut link, epoch - 1, reason));
             }
         }
     }
 
-    /// The per-checkpoint path.
-    fn checkpoint(&mut self, link: &mut Link, epoch: u64) -> Result<EpochStats, Error> {
+    /// The per-checkpoint path. `Ok(Err(stop))`: this copy must stop (the peer is live).
+    fn checkpoint(
+        &mut self,
+        link: &mut Link,
+        epoch: u64,
+    ) -> Result<Result<EpochStats, Stop>, Error> {
         let t0 = Instant::now();
         // 1. pause (each vCPU saves its registers on the way out)
         self.vm.pause_and_capture()?;
@@ -210,9 +375,16 @@ impl Primary {
         let disk_writes: Vec<_> = self.vm.disk_logs().iter().map(|l| l.seal()).collect();
         self.in_flight = self.vm.net_outputs().iter().map(|o| o.seal()).collect();
         if epoch == 1 {
-            for o in self.vm.net_outputs() {
-                o.hold();
+            // Output of a lost session goes first; from here every frame waits for its ack.
+            for (f, held) in self
+                .in_flight
+                .iter_mut()
+                .zip(std::mem::take(&mut self.held_back))
+            {
+                let new = std::mem::replace(f, held);
+                f.extend(new);
             }
+            self.hold();
         }
         let t_state = Instant::now();
         // 4. resume at once; the network is not waited for with the guest stopped
@@ -237,22 +409,12 @@ impl Primary {
             output: self.in_flight.clone(),
         };
         let payload = protocol::encode(&msg)?;
-        self.tx.send(&mut link.w, Kind::Checkpoint, &payload)?;
+        link.send(Kind::Checkpoint, &payload)?;
+        let sent = Instant::now();
 
-        // 6. ack
-        let frame = self.rx.recv(&mut link.r)?;
-        if frame.kind != Kind::Ack {
-            return Err(Error::Protocol(format!(
-                "expected Ack, got {:?}",
-                frame.kind
-            )));
-        }
-        let ack: Ack = protocol::decode(&frame.payload)?;
-        if ack.epoch != epoch {
-            return Err(Error::Protocol(format!(
-                "ack for epoch {} while {epoch} is outstanding",
-                ack.epoch
-            )));
+        // 6. ack: a slow one is waited for (output stays held); the peer's word decides
+        if let Err(stop) = self.wait_ack(link, epoch, sent)? {
+            return Ok(Err(stop));
         }
 
         // 7. release the output the checkpoint covers
@@ -264,12 +426,84 @@ impl Primary {
         {
             o.release(frames);
         }
-        Ok(EpochStats {
+        Ok(Ok(EpochStats {
             pause,
             phases,
             busy: t0.elapsed(),
             pages: self.staging.len(),
             bytes: payload.len(),
+        }))
+    }
+
+    /// Waits for the acknowledgement of `epoch`; `Err`: the session is lost (not a death).
+    fn wait_ack(
+        &mut self,
+        link: &mut Link,
+        epoch: u64,
+        sent: Instant,
+    ) -> Result<Result<(), Stop>, Error> {
+        let mut observer = Observer::new(self.opts.timeout / 2);
+        loop {
+            // An ack read late (this process stalled) is still an ack: the backup committed
+            // the epoch, so its output may go even if the backup took over meanwhile (it
+            // sends the same frames again, TCP drops the duplicates). Unacknowledged output
+            // is only ever released by a degrade, which the arbiter decides.
+            match link.next(Duration::from_millis(5)) {
+                Next::Frame(f) if f.kind == Kind::Ack => {
+                    let ack: Ack = protocol::decode(&f.payload)?;
+                    if ack.epoch != epoch {
+                        return Err(Error::Protocol(format!(
+                            "ack for epoch {} while {epoch} is outstanding",
+                            ack.epoch
+                        )));
+                    }
+                    self.last_heard = Instant::now();
+                    return Ok(Ok(()));
+                }
+                Next::Frame(f) if f.kind == Kind::NoBackup => {
+                    let nb: NoBackup = protocol::decode(&f.payload)?;
+                    return Err(Error::Protocol(format!(
+                        "the backup is no backup: {}",
+                        nb.reason
+                    )));
+                }
+                Next::Frame(f) => {
+                    return Err(Error::Protocol(format!("expected Ack, got {:?}", f.kind)));
+                }
+                Next::Failed(e) => return Err(e.into()),
+                Next::Nothing => {}
+            }
+            // After the blocking wait, so a stall during it restarts observation.
+            let observed = observer.tick();
+            let silent = sent.elapsed();
+            let alink = if silent < self.opts.timeout {
+                ALink::Ok
+            } else {
+                ALink::Silent(silent)
+            };
+            match self.decide(alink, observed) {
+                PrimaryAction::Stop => return Ok(Err(self.fence())),
+                _ if silent >= self.opts.release_after && !self.backup_applying(epoch) => {
+                    return Err(Error::Protocol(format!(
+                        "no ack for checkpoint {epoch} in {} ms",
+                        silent.as_millis()
+                    )))
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Whether the backup says (fresh, on the watch path) that it is applying `epoch`, or that
+    /// it received A-link bytes lately: the A-link works and the backup is slow, so the
+    /// session is worth waiting for (a slow ack is no death).
+    fn backup_applying(&self, epoch: u64) -> bool {
+        self.opts.watch.as_ref().is_some_and(|w| {
+            let v = w.view();
+            let recent =
+                |t: Option<Instant>| t.is_some_and(|t| t.elapsed() < self.opts.release_after);
+            recent(v.heard)
+                && (v.applying == epoch || v.applying == u64::MAX || recent(v.progressed))
         })
     }
 
@@ -296,185 +530,92 @@ impl Primary {
         }
     }
 
-    fn connect(&self) -> Result<Link, Error> {
-        let t0 = Instant::now();
-        let stream = loop {
-            match TcpStream::connect_timeout(&self.opts.peer, Duration::from_millis(500)) {
-                Ok(s) => break s,
-                Err(e) if t0.elapsed() < self.opts.connect_timeout => {
-                    tracing::debug!("backup {} not reachable yet: {e}", self.opts.peer);
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                Err(e) => {
-                    return Err(Error::Io(format!(
-                        "cannot reach the backup at {}: {e}",
-                        self.opts.peer
-                    )))
-                }
+    fn hold(&mut self) {
+        if !self.holding {
+            for o in self.vm.net_outputs() {
+                o.hold();
             }
-        };
-        stream
-            .set_nodelay(true)
-            .map_err(|e| Error::Io(e.to_string()))?;
-        stream
-            .set_read_timeout(Some(self.opts.timeout))
-            .map_err(|e| Error::Io(e.to_string()))?;
-        let r = BufReader::with_capacity(
-            1 << 16,
-            stream.try_clone().map_err(|e| Error::Io(e.to_string()))?,
-        );
-        Ok(Link {
-            w: BufWriter::with_capacity(1 << 20, stream),
-            r,
-        })
+            self.holding = true;
+        }
     }
 
-    fn handshake(&mut self, link: &mut Link) -> Result<(), Error> {
-        // The backup may take a while to build its standby VM: allow for it.
-        link.r
-            .get_ref()
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .map_err(|e| Error::Io(e.to_string()))?;
-        (self.tx, self.rx) = wire::handshake(
-            &mut link.r,
-            &mut link.w,
-            &self.opts.secret,
-            wire::Role::Initiator,
-        )?;
-        let hello = Hello {
-            config: self.vm.config().clone(),
-            kind: self.vm.kind(),
-            cpu: self.vm.cpu_model().clone(),
-        };
-        self.tx
-            .send(&mut link.w, Kind::Hello, &protocol::encode(&hello)?)?;
-        let ready = self.rx.recv(&mut link.r)?;
-        if ready.kind != Kind::Ready {
-            return Err(Error::Protocol(format!(
-                "expected Ready, got {:?}",
-                ready.kind
-            )));
+    /// A lost session's unacknowledged output waits for the next session (bounded).
+    fn keep_in_flight(&mut self) {
+        let n = self.vm.net_outputs().len();
+        self.held_back.resize_with(n, Vec::new);
+        for (h, f) in self
+            .held_back
+            .iter_mut()
+            .zip(std::mem::take(&mut self.in_flight))
+        {
+            h.extend(f);
+            let over = h
+                .len()
+                .saturating_sub(vmm::devices::virtio::output::MAX_HELD_FRAMES);
+            h.drain(..over);
         }
-        link.r
-            .get_ref()
-            .set_read_timeout(Some(self.opts.timeout))
-            .map_err(|e| Error::Io(e.to_string()))?;
-        Ok(())
     }
 
-    /// Copies every disk while the guest runs; its writes meanwhile are in the disk logs (enabled
-    /// before this) and reach the backup with the first checkpoint.
-    fn sync_disks(&mut self, link: &mut Link) -> Result<(), Error> {
-        const CHUNK: usize = 1 << 20;
-        let mut buf = vec![0u8; CHUNK];
-        for (disk, backend) in self.vm.disk_backends().iter().enumerate() {
-            let size = vmm::devices::lock(backend).size();
-            let mut offset = 0u64;
-            while offset < size {
-                let n = (size - offset).min(CHUNK as u64) as usize;
-                vmm::devices::lock(backend)
-                    .read_at(&mut buf[..n], offset)
-                    .map_err(|e| Error::Io(format!("cannot read disk {disk} at {offset}: {e}")))?;
-                let chunk = protocol::DiskChunk {
-                    disk: disk as u32,
-                    offset,
-                    lz4: lz4_flex::block::compress_prepend_size(&buf[..n]),
-                };
-                self.tx
-                    .send(&mut link.w, Kind::Disk, &protocol::encode(&chunk)?)?;
-                offset += n as u64;
-            }
-        }
-        Ok(())
-    }
-
-    /// Iterative pre-copy: all memory, then what was dirtied meanwhile, while the guest runs.
-    fn precopy(&mut self, link: &mut Link) -> Result<(), Error> {
-        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-        self.vm.take_dirty_pages()?;
-        let mut all = Vec::new();
-        for region in self.vm.memory().iter() {
-            let base = region.start_addr().0;
-            all.extend(
-                (0..region.len() / vmm::layout::PAGE_SIZE)
-                    .map(|p| base + p * vmm::layout::PAGE_SIZE),
-            );
-        }
-        self.send_pages(link, &all, true)?;
-        for _ in 0..PRECOPY_ROUNDS {
-            let dirty = self.vm.take_dirty_pages()?;
-            let pages: Vec<u64> = dirty.iter().collect();
-            if pages.len() < PRECOPY_DONE_PAGES {
-                // Few enough: send them and let the first checkpoint carry the rest.
-                self.send_pages(link, &pages, false)?;
-                break;
-            }
-            self.send_pages(link, &pages, false)?;
-        }
-        Ok(())
-    }
-
-    fn send_pages(&mut self, link: &mut Link, addrs: &[u64], skip_zero: bool) -> Result<(), Error> {
-        use vm_memory::{Bytes, GuestAddress};
-        let page = vmm::layout::PAGE_SIZE as usize;
-        let mut last_sent = Instant::now();
-        for chunk in addrs.chunks(PRECOPY_BATCH) {
-            let mut keep = Vec::with_capacity(chunk.len());
-            let mut data = Vec::with_capacity(chunk.len() * page);
-            let mut buf = vec![0u8; page];
-            for &a in chunk {
-                self.vm
-                    .memory()
-                    .read_slice(&mut buf, GuestAddress(a))
-                    .map_err(|e| Error::Io(format!("cannot read guest page {a:#x}: {e}")))?;
-                if skip_zero && vmm::snapshot::is_zero(&buf) {
-                    continue; // the standby's memory starts zeroed
-                }
-                keep.push(a);
-                data.extend_from_slice(&buf);
-            }
-            if keep.is_empty() {
-                // Long runs of zero pages send nothing: keep the backup from timing out.
-                if last_sent.elapsed() > self.opts.timeout / 4 {
-                    self.tx.send(&mut link.w, Kind::Heartbeat, &[])?;
-                    last_sent = Instant::now();
-                }
-                continue;
-            }
-            let batch = PageBatch::compress(keep, &data);
-            self.tx
-                .send(&mut link.w, Kind::Pages, &protocol::encode(&batch)?)?;
-            last_sent = Instant::now();
-        }
-        Ok(())
-    }
-
-    /// Lost the backup: run unprotected, let held output go, never stall the guest.
+    /// The arbiter said yes: release held output unacknowledged and run unprotected.
     fn degrade(&mut self, why: &str) {
+        if self.degraded {
+            return;
+        }
+        self.degraded = true;
+        if self.last_session == 0 {
+            // Nothing was ever held: the start of protection runs unprotected until the first
+            // checkpoint, as before any session.
+            return;
+        }
         tracing::warn!("FT degraded: {why}");
-        self.release_all();
         self.status.set_state(FtState::Degraded, why.to_string());
+        self.release_all();
+        // Output beyond the backup's standby is out: that standby must never be resumed. Say
+        // so on the watch path (no session held any more, and please release the old one),
+        // for a backup that was only slow and wakes up later.
+        let old = std::mem::replace(&mut self.last_session, 0);
+        self.announce();
+        if let Some(w) = &self.opts.watch {
+            w.ask_release(old);
+        }
     }
 
-    fn release_all(&mut self) {
+    pub(crate) fn release_all(&mut self) {
+        self.keep_in_flight();
         for (o, frames) in self
             .vm
             .net_outputs()
             .iter()
-            .zip(std::mem::take(&mut self.in_flight))
+            .zip(std::mem::take(&mut self.held_back))
         {
             o.release(frames);
         }
         for o in self.vm.net_outputs() {
             o.pass_through();
         }
+        self.holding = false;
+        // Unprotected: the next session copies the disks again.
         for l in self.vm.disk_logs() {
             l.disable();
         }
     }
+
+    /// The peer is live: stop this copy at once. Its held output is never released.
+    fn fence(&mut self) -> Stop {
+        let _ = self.vm.pause();
+        if let Some(w) = &self.opts.watch {
+            w.set_own(true, PeerState::Stopped, self.last_session, 0);
+        }
+        tracing::error!("the peer runs this VM: stopping this copy");
+        self.status.set_state(
+            FtState::Fenced,
+            "the peer is live: this copy stopped (it never released unacknowledged output)",
+        );
+        Stop::Fenced
+    }
 }
 
-struct EpochStats {
+pub(crate) struct EpochStats {
     pause: Duration,
     phases: PausePhases,
     busy: Duration,

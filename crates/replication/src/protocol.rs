@@ -66,3 +66,29 @@ pub fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, Error> {
 pub fn decode<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T, Error> {
     postcard::from_bytes(b).map_err(|e| Error::Protocol(format!("undecodable payload: {e}")))
 }
+
+/// How the guest ended on the primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EndReason {
+    /// Powered off or shut down: there is nothing to resume, ever.
+    PowerOff,
+    /// Rebooted: the standby is obsolete; protection restarts with a new session.
+    Reboot,
+}
+
+/// Primary → backup: the guest ended after checkpoint `epoch`; acknowledged with `Ack`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct End {
+    /// Why.
+    pub reason: EndReason,
+    /// The last checkpoint sent before the end.
+    pub epoch: u64,
+}
+
+/// Backup → primary: this node is no backup any more (its standby is poisoned, e.g. a
+/// checkpoint could not be applied); counts as its word that it released the session.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NoBackup {
+    /// Why, for the operator.
+    pub reason: String,
+}

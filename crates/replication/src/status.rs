@@ -16,8 +16,12 @@ pub enum FtState {
     Degraded,
     /// The backup resumed the guest after losing the primary.
     FailedOver,
-    /// Protection ended (orderly shutdown or a failure before the first checkpoint).
+    /// The primary is trying to reach its backup again, output held.
+    Reconnecting,
+    /// Protection ended (the guest powered off or rebooted).
     Stopped,
+    /// This copy stopped because its peer is live (it never released unacknowledged output).
+    Fenced,
 }
 
 /// Where the time of one checkpoint pause went, µs.
@@ -73,6 +77,15 @@ pub struct FtSnapshot {
     pub rejected_frames: u64,
     /// Why the state last changed.
     pub reason: String,
+    /// Who is asked before a takeover or a degrade.
+    pub arbiter: String,
+    /// When the arbiter may grant both sides (the two-node arbiter: both paths cut, both
+    /// nodes alive), for the console to show.
+    pub split_brain_exposure: Option<String>,
+    /// Sessions started (primary) or accepted (backup).
+    pub sessions: u64,
+    /// Backup: standbys poisoned because a checkpoint could not be applied.
+    pub poisoned: u64,
 }
 
 impl FtSnapshot {
@@ -123,6 +136,10 @@ impl FtStatus {
             recent_next: 0,
             rejected_frames: 0,
             reason: String::new(),
+            arbiter: String::new(),
+            split_brain_exposure: None,
+            sessions: 0,
+            poisoned: 0,
         }))
     }
 

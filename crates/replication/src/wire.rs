@@ -52,6 +52,10 @@ pub enum Kind {
     Bye = 8,
     /// Primary → backup: a chunk of a disk during the initial sync.
     Disk = 9,
+    /// Primary → backup: the guest ended (power-off or reboot); the backup commits it.
+    End = 10,
+    /// Backup → primary: this node is no backup any more (its standby is poisoned), and why.
+    NoBackup = 11,
 }
 
 impl Kind {
@@ -65,6 +69,8 @@ impl Kind {
             7 => Kind::Heartbeat,
             8 => Kind::Bye,
             9 => Kind::Disk,
+            10 => Kind::End,
+            11 => Kind::NoBackup,
             _ => return None,
         })
     }
@@ -116,9 +122,24 @@ pub fn handshake<R: Read, W: Write>(
     secret: &[u8],
     role: Role,
 ) -> Result<(Channel, Channel), WireError> {
+    let (tx, rx, _) = handshake_session(r, w, secret, role)?;
+    Ok((tx, rx))
+}
+
+/// Like [`handshake`], also returning the session's id: the same on both nodes, fresh per
+/// handshake, never 0.
+pub fn handshake_session<R: Read, W: Write>(
+    r: &mut R,
+    w: &mut W,
+    secret: &[u8],
+    role: Role,
+) -> Result<(Channel, Channel, u64), WireError> {
     let secret = Secret::new(secret)?;
     let s = link::handshake(r, w, &secret, role, SERVICE, MAX_PAYLOAD)?;
-    Ok((Channel { dir: Some(s.tx) }, Channel { dir: Some(s.rx) }))
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&s.id[..8]);
+    let id = u64::from_le_bytes(b).max(1);
+    Ok((Channel { dir: Some(s.tx) }, Channel { dir: Some(s.rx) }, id))
 }
 
 /// Frame encoder/decoder state of one direction.

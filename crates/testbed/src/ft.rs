@@ -18,6 +18,8 @@ use crate::Monitor;
 pub const ALINK_PORT: u16 = 7400;
 /// Port of the guest's kv (or echo) service.
 pub const KV_PORT: u16 = 7000;
+/// UDP port of the FT watch path on both nodes' management addresses.
+pub const WATCH_PORT: u16 = 7401;
 
 /// How an FT pair is started.
 #[derive(Debug, Clone)]
@@ -32,9 +34,6 @@ pub struct FtSetup {
     pub unprotected: bool,
     /// More options for the primary's `ftvm vm run`.
     pub primary_args: Vec<String>,
-    /// Where the primary connects instead of the backup's A-link address (e.g. an
-    /// [`crate::proxy::AlinkProxy`]).
-    pub peer: Option<SocketAddr>,
     /// The backup's `--reprotect-to`: after a failover it protects the guest again with a
     /// backup there.
     pub reprotect_to: Option<SocketAddr>,
@@ -42,22 +41,28 @@ pub struct FtSetup {
     pub primary_disks: Vec<String>,
     /// The backup's `--disk` options (its copies of the primary's disks).
     pub backup_disks: Vec<String>,
+    /// Run the watch path (the two-node arbiter) between the nodes' management addresses.
+    pub watch: bool,
+    /// The primary connects here instead of the backup's A-link address (e.g. an
+    /// [`crate::proxy::AlinkProxy`] in node B).
+    pub alink_via: Option<SocketAddr>,
 }
 
 impl FtSetup {
-    /// An FT guest running `job`; a generous 2 s A-link timeout so a busy machine never fails
-    /// over by mistake (SIGKILL of the primary closes the A-link at once anyway).
+    /// An FT guest running `job`, with the default 100 ms dead time and the watch path: a
+    /// slow A-link alone never makes a second live copy.
     pub fn new(job: &str) -> Self {
         Self {
             job: job.to_string(),
             mem_mib: 128,
-            timeout_ms: 2000,
+            timeout_ms: 100,
             unprotected: false,
             primary_args: Vec::new(),
-            peer: None,
             reprotect_to: None,
             primary_disks: Vec::new(),
             backup_disks: Vec::new(),
+            watch: true,
+            alink_via: None,
         }
     }
 }
@@ -110,8 +115,11 @@ pub fn start_pair(bed: &TwoNodeBed, dir: &Path, setup: &FtSetup) -> anyhow::Resu
         for d in &setup.backup_disks {
             args.extend(s(&["--disk", d]));
         }
-        let m = bed.spawn_monitor_in(bed.node_b(), &args, &con, Some(&sock))?;
-        wait_path(&sock, Duration::from_secs(10))?;
+        if setup.watch {
+            args.extend(watch_args(bed.mgmt_ip_a(), bed.mgmt_ip_b()));
+        }
+        let mut m = bed.spawn_monitor_in(bed.node_b(), &args, &con, Some(&sock))?;
+        wait_sock(&mut m, &sock)?;
         Some(m)
     };
     let (con, sock) = (dir.join("a.console"), dir.join("a.sock"));
@@ -137,19 +145,51 @@ pub fn start_pair(bed: &TwoNodeBed, dir: &Path, setup: &FtSetup) -> anyhow::Resu
     }
     if !setup.unprotected {
         let peer = setup
-            .peer
-            .map(|p| p.to_string())
+            .alink_via
+            .map(|a| a.to_string())
             .unwrap_or_else(|| format!("{}:{ALINK_PORT}", bed.alink_ip_b()));
         args.extend(s(&["--ft-peer", &peer, "--ft-timeout-ms", &timeout]));
+        if setup.watch {
+            args.extend(watch_args(bed.mgmt_ip_b(), bed.mgmt_ip_a()));
+        }
     }
     args.extend(setup.primary_args.iter().cloned());
-    let primary = bed.spawn_monitor_in(bed.node_a(), &args, &con, Some(&sock))?;
-    wait_path(&sock, Duration::from_secs(10))?;
+    let mut primary = bed.spawn_monitor_in(bed.node_a(), &args, &con, Some(&sock))?;
+    wait_sock(&mut primary, &sock)?;
     Ok(FtPair {
         primary,
         backup,
         dir: dir.to_path_buf(),
     })
+}
+
+/// `--ft-watch PEER --ft-watch-bind OWN` on the watch port.
+fn watch_args(peer_ip: &str, own_ip: &str) -> Vec<String> {
+    s(&[
+        "--ft-watch",
+        &format!("{peer_ip}:{WATCH_PORT}"),
+        "--ft-watch-bind",
+        &format!("{own_ip}:{WATCH_PORT}"),
+    ])
+}
+
+/// Waits for a monitor's API socket; fails at once, with its stderr, if the monitor exits.
+fn wait_sock(m: &mut Monitor, sock: &Path) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    while !sock.exists() {
+        if let Ok(status) = m.wait_exit(Duration::ZERO) {
+            bail!(
+                "the monitor exited ({status}) before {} appeared: {}",
+                sock.display(),
+                m.stderr_text()
+            );
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            bail!("{} did not appear within 20 s", sock.display());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
 }
 
 /// Waits for a file to exist.
@@ -267,6 +307,19 @@ pub fn kv_failover_round(
             Ok(client)
         })
     };
+    // The kill lands `kill_after` into the write stream: counted from the first acknowledged
+    // write (connecting through a loaded machine may take a while).
+    let t0 = Instant::now();
+    while acked
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .is_empty()
+    {
+        if t0.elapsed() > Duration::from_secs(20) || writer.is_finished() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
     std::thread::sleep(kill_after);
     let t_kill = Instant::now();
     bed.kill_node(bed.node_a())?;

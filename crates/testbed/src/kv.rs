@@ -41,6 +41,11 @@ impl KvClient {
         }
     }
 
+    /// The connection itself (e.g. to send without waiting for an answer).
+    pub fn into_stream(self) -> TcpStream {
+        self.stream
+    }
+
     /// Sends one line and returns the answer line (without the newline).
     pub fn ask(&mut self, line: &str) -> anyhow::Result<String> {
         self.stream.write_all(format!("{line}\n").as_bytes())?;

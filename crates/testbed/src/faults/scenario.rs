@@ -188,7 +188,7 @@ impl<'a> Run<'a> {
             | Scenario::CorruptFrame
             | Scenario::DropFrame => {
                 let p = AlinkProxy::start(bed, PROXY_PORT, ALINK_PORT, Fault::None)?;
-                setup.peer = Some(p.addr());
+                setup.alink_via = Some(p.addr());
                 proxy = Some(p);
             }
             Scenario::GuestPowerOff => setup.job = format!("poweroff {POWER_JOB_DELAY_MS}"),

@@ -1,6 +1,8 @@
-//! `blk-pattern [SECTORS]`: writes a known pattern to the first SECTORS sectors of the first
-//! virtio block device in multi-sector requests, flushes, reads it back and verifies it. On a
-//! read-only disk it writes all the same and reports the device's answer (the monitor must refuse).
+//! `blk-pattern [SECTORS [EVERY_MS]]`: writes a known pattern to the first SECTORS sectors of
+//! the first virtio block device in multi-sector requests, flushes, reads it back and verifies
+//! it; with EVERY_MS, then rewrites one chunk every EVERY_MS, in turn over the SECTORS (a
+//! steady disk load). On a read-only disk it writes all the same and reports the device's
+//! answer (the monitor must refuse).
 //!
 //! Word `w` (0..64) of sector `s` holds `s * 0x9E37_79B9_7F4A_7C15 ^ w`, little endian.
 
@@ -41,7 +43,7 @@ fn check(buf: &[u8], first: u64) -> Option<u64> {
         })
 }
 
-pub fn run(sectors: u64) -> ! {
+pub fn run(sectors: u64, every_ms: u64) -> ! {
     let Some(found) = virtio::find(DEVICE_BLOCK) else {
         fatal!("blk-pattern: no virtio block device");
     };
@@ -98,7 +100,24 @@ pub fn run(sectors: u64) -> ! {
         None => println!("blk-pattern ok sectors={}", sectors),
         Some(b) => println!("blk-pattern FAIL sector={}", b),
     }
+    if every_ms == 0 {
+        loop {
+            core::hint::spin_loop();
+        }
+    }
+    let mut ticker = crate::clock::Ticker::new(every_ms * 1000);
+    let chunks = sectors.div_ceil(CHUNK_SECTORS);
+    let mut round = 0u64;
     loop {
-        core::hint::spin_loop();
+        let first = (round % chunks) * CHUNK_SECTORS;
+        round += 1;
+        ticker.wait();
+        let n = CHUNK_SECTORS.min(sectors - first);
+        let chunk = &mut buf[..n as usize * SECTOR_SIZE];
+        fill(chunk, first);
+        if let Err(e) = dev.write(first, chunk).and_then(|()| dev.flush()) {
+            fatal!("blk-pattern: rewrite at sector {}: {:?}", first, e);
+        }
+        println!("blk-pattern rewrite {}", round);
     }
 }

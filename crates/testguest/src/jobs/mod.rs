@@ -26,8 +26,11 @@ pub fn run(args: &Args) -> ! {
             dirty::run(number(name, a[0]), number(name, a[1]))
         }
         "blk-pattern" => {
-            let a = expect_at_most(name, rest, 1);
-            blk::run(a.first().map_or(2048, |s| number(name, s)))
+            let a = expect_at_most(name, rest, 2);
+            blk::run(
+                a.first().map_or(2048, |s| number(name, s)),
+                a.get(1).map_or(0, |s| number(name, s)),
+            )
         }
         "tcp-echo" => echo::run(args, port(name, expect_args(name, rest, 1)[0])),
         "kv" => {
@@ -47,12 +50,14 @@ pub fn run(args: &Args) -> ! {
             serial_rx::run()
         }
         "reboot" => {
-            after_ms(name, rest);
+            // `reboot [AFTER_MS]`: counts (as `counter`) for AFTER_MS first.
+            count_for(name, rest);
             println!("testguest: rebooting");
             crate::power::reboot()
         }
         "poweroff" => {
-            after_ms(name, rest);
+            // `poweroff [AFTER_MS]`: counts (as `counter`) for AFTER_MS first.
+            count_for(name, rest);
             println!("testguest: powering off");
             crate::power::off()
         }
@@ -67,12 +72,15 @@ pub fn run(args: &Args) -> ! {
     }
 }
 
-/// `reboot|poweroff [AFTER_MS]`: with a delay, says it runs and waits that long first (so an
-/// FT pair can be protected before the guest powers off or reboots).
-fn after_ms(name: &str, args: &[&'static str]) {
-    if let Some(ms) = expect_at_most(name, args, 1).first() {
-        running(name);
-        crate::clock::Ticker::new(number(name, ms).saturating_mul(1000)).wait();
+/// Prints `counter N` every 10 ms for the optional first argument's milliseconds.
+fn count_for(job: &str, rest: &[&'static str]) {
+    let a = expect_at_most(job, rest, 1);
+    let ms = a.first().map_or(0, |s| number(job, s));
+    running(job);
+    let mut ticker = crate::clock::Ticker::new(10_000);
+    for n in 1..=ms / 10 {
+        println!("counter {}", n);
+        ticker.wait();
     }
 }
 

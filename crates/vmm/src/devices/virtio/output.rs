@@ -13,6 +13,10 @@ struct Gate {
     current: Vec<Vec<u8>>,
 }
 
+/// Most frames held at once (per interface) while no checkpoint takes them, e.g. while FT
+/// reconnects: beyond this the oldest are dropped, as a congested link would; TCP recovers.
+pub const MAX_HELD_FRAMES: usize = 4096;
+
 /// The transmit side of a network device: straight to the tap, or held for output commit.
 pub struct NetOutput {
     tap: Mutex<File>,
@@ -37,6 +41,9 @@ impl NetOutput {
     pub fn transmit(&self, frame: &[u8]) {
         let mut g = lock(&self.gate);
         if g.holding {
+            if g.current.len() >= MAX_HELD_FRAMES {
+                g.current.remove(0);
+            }
             g.current.push(frame.to_vec());
             self.held.notify_all();
         } else {
