@@ -374,12 +374,16 @@ fn run_loop(
     // The last KVM_RUN returned an I/O or MMIO exit that KVM completes (retires the instruction,
     // stores a read's result) only at the next KVM_RUN.
     let mut exit_pending = false;
+    // The run structure holds this vCPU's registers (sync regs) only once a KVM_RUN has
+    // returned, and not after a state was loaded: until then they are zeros or stale.
+    let mut sync_fresh = false;
     loop {
         if shared.stop.load(Ordering::Acquire) {
             return;
         }
         if shared.pause.load(Ordering::Acquire) {
-            if std::mem::take(&mut exit_pending) {
+            let completed = std::mem::take(&mut exit_pending);
+            if completed {
                 complete_pending_exit(vcpu, index, shared);
             }
             if responses.send(VcpuResponse::Paused).is_err() {
@@ -388,7 +392,9 @@ fn run_loop(
             // Saving now, unasked, spares the monitor a round trip per checkpoint; the registers
             // KVM copied out at the exit (sync regs) spare three ioctls.
             if shared.capture_on_pause.load(Ordering::Acquire) {
-                let sync = shared.sync_regs.then(|| vcpu.sync_regs());
+                // After a completing KVM_RUN the registers are read with ioctls (not relying
+                // on KVM storing sync regs on that path).
+                let sync = (shared.sync_regs && sync_fresh && !completed).then(|| vcpu.sync_regs());
                 let s = save_state_with(vcpu, index, msr_list, sync.as_ref()).map(Box::new);
                 if responses.send(VcpuResponse::Captured(s)).is_err() {
                     return;
@@ -401,6 +407,7 @@ fn run_loop(
                         let _ = responses.send(VcpuResponse::Saved(s));
                     }
                     Ok(VcpuRequest::Restore(s)) => {
+                        sync_fresh = false;
                         let r = restore_state(vcpu, index, &s);
                         let _ = responses.send(VcpuResponse::Restored(r));
                     }
@@ -410,7 +417,9 @@ fn run_loop(
             }
             continue;
         }
-        match vcpu.run() {
+        let ran = vcpu.run();
+        sync_fresh = true;
+        match ran {
             Ok(exit) => {
                 exit_pending = needs_completion(&exit);
                 if let Some(reason) = handle_exit(exit, shared) {

@@ -26,7 +26,8 @@ fn a_pending_received_frame_is_captured_and_restored() {
     // The receive queue has no buffers (not even set up): a frame read stays pending.
     let mut queues = vec![Queue::new(256).unwrap(), Queue::new(256).unwrap()];
     assert_eq!(pending_frame(&net), None);
-    // Sending to the guest's address makes the host ARP for it through the tap.
+    // Sending to the guest's address makes the host ARP for it through the tap (IPv6 may send
+    // its own multicast frames first: any frame will do).
     let sock = std::net::UdpSocket::bind(format!("{}:0", tap.host_ip)).unwrap();
     let t0 = Instant::now();
     while !net.backend_blocked() {
@@ -44,8 +45,11 @@ fn a_pending_received_frame_is_captured_and_restored() {
         "{} bytes",
         frame.len()
     );
-    assert_eq!(&frame[..6], &[0xff; 6], "an ARP broadcast");
-    assert_eq!(&frame[12..14], &[0x08, 0x06]);
+    assert_eq!(
+        frame[0] & 1,
+        1,
+        "a broadcast or multicast frame: {frame:02x?}"
+    );
 
     let other = testbed::TapDevice::new().unwrap();
     let mut copy = Net::new(Tap::open(&other.name).unwrap(), MAC).unwrap();
