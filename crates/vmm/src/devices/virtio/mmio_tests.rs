@@ -32,7 +32,9 @@ fn rig() -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.raw");
     std::fs::write(&path, vec![0u8; DISK]).unwrap();
-    let backend: SharedBackend = Arc::new(Mutex::new(storage::open_disk(&path, false, Some(storage::ImageFormat::Raw)).unwrap()));
+    let backend: SharedBackend = Arc::new(Mutex::new(
+        storage::open_disk(&path, false, Some(storage::ImageFormat::Raw)).unwrap(),
+    ));
     let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
