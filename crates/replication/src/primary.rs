@@ -216,6 +216,13 @@ impl Primary {
                     Ok(link) => return Ok(link),
                     Err(e) => {
                         tracing::debug!("backup {} not reachable: {e}", self.opts.peer);
+                        // The status says why protection does not start (a wrong cluster
+                        // secret, a backup that is not listening...), without changing state.
+                        let why = format!("no session with the backup at {}: {e}", self.opts.peer);
+                        let st = self.status.get();
+                        if st.reason != why {
+                            self.status.set_state(st.state, why);
+                        }
                         next_attempt = Instant::now() + backoff;
                     }
                 }
