@@ -112,11 +112,15 @@ impl TwoNodeBed {
             keep: false,
         };
         cleanup::register(prefix, &bed.namespaces());
-        cleanup::record_owner(prefix)?;
-        for ns in bed.namespaces() {
-            ip(&["netns", "add", ns])?;
-        }
+        let created = cleanup::record_owner(prefix).and_then(|()| {
+            bed.namespaces()
+                .iter()
+                .try_for_each(|ns| ip(&["netns", "add", ns]).map(drop))
+        });
+        // Released before anything can fail out of here: dropping `bed` removes what was made,
+        // which takes the lock again.
         drop(lock);
+        created?;
         bed.build().context("cannot build the two-node test bed")?;
         for ns in bed.namespaces() {
             if !netns_exists(ns) {
