@@ -9,7 +9,7 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use common::{assert_check_clean, assert_same, qemu_img, Rng};
+use common::{assert_check_clean, assert_same, convert_compressed, qemu_img, Rng};
 use storage::pool::{ImportSource, Pool};
 use storage::qcow2::{Compression, Qcow2};
 use storage::{BlockBackend, OpenError};
@@ -38,23 +38,6 @@ fn mixed_raw(p: &Path, size: u64, rng: &mut Rng) -> Vec<u8> {
     data
 }
 
-fn convert_compressed(raw: &Path, img: &Path, codec: &str, cluster: &str) {
-    let opts = format!("compression_type={codec},cluster_size={cluster}");
-    let (code, out) = qemu_img(&[
-        "convert",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        "-o",
-        &opts,
-        s(raw),
-        s(img),
-    ]);
-    assert_eq!(code, 0, "{out}");
-}
-
 fn images(d: &Path) -> Vec<(PathBuf, PathBuf, Vec<u8>, Compression)> {
     let mut v = Vec::new();
     for (codec, cluster, want) in [
@@ -65,7 +48,11 @@ fn images(d: &Path) -> Vec<(PathBuf, PathBuf, Vec<u8>, Compression)> {
         let raw = d.join(format!("{codec}-{cluster}.raw"));
         let img = d.join(format!("{codec}-{cluster}.qcow2"));
         let data = mixed_raw(&raw, 6 * MIB, &mut Rng(cluster.len() as u64 * 31 + 5));
-        convert_compressed(&raw, &img, codec, cluster);
+        convert_compressed(
+            &raw,
+            &img,
+            &format!("compression_type={codec},cluster_size={cluster}"),
+        );
         // The image really mixes compressed and plain data clusters.
         let (code, map) = qemu_img(&["map", "--output=json", s(&img)]);
         assert_eq!(code, 0, "{map}");

@@ -10,7 +10,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{qemu_img, Rng};
+use common::{convert_compressed, qemu_img, Rng};
 use storage::qcow2::{CreateOptions, Qcow2};
 use storage::BlockBackend;
 
@@ -47,19 +47,7 @@ fn seeds(d: &Path) -> Vec<PathBuf> {
         ("zstd.qcow2", "cluster_size=4096,compression_type=zstd"),
     ] {
         let img = d.join(name);
-        let (code, out) = qemu_img(&[
-            "convert",
-            "-c",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            "-o",
-            extra,
-            s(&raw),
-            s(&img),
-        ]);
-        assert_eq!(code, 0, "{out}");
+        convert_compressed(&raw, &img, extra);
         v.push(img);
     }
     let overlay = d.join("overlay.qcow2");

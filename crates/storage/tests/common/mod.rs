@@ -15,6 +15,24 @@ pub fn qemu_img(args: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), s)
 }
 
+/// `qemu-img convert -c` of the raw image `raw` into the compressed qcow2 `img`, with
+/// `opts` (e.g. `compression_type=zstd,cluster_size=4096`); asserts it worked.
+pub fn convert_compressed(raw: &Path, img: &Path, opts: &str) {
+    let (code, out) = qemu_img(&[
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        opts,
+        raw.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "qemu-img convert -c -o {opts}: {out}");
+}
+
 /// Asserts `qemu-img check` finds no errors and no leaks.
 pub fn assert_check_clean(p: &Path) {
     let (code, out) = qemu_img(&["check", p.to_str().unwrap()]);
